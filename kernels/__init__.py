@@ -1,0 +1,10 @@
+"""lowrank's kernels, importable as `lowrank.kernels`. They depend on nothing else in lowrank.
+
+Each op is one file: its Triton kernels, the autograd Function that calls them, and the
+plain torch reference that is the CPU fallback and the test oracle. `dispatch` picks the path.
+"""
+
+from .dispatch import kernel_choice, use_triton
+from .lora import lora_linear, lora_linear_reference
+
+__all__ = ["kernel_choice", "use_triton", "lora_linear", "lora_linear_reference"]

@@ -1,0 +1,25 @@
+"""lowrank: fine-tune Qwen and DeepSeek models with LoRA, prefix, freeze or full training."""
+
+import importlib.util as _ilu
+import sys as _sys
+from pathlib import Path as _Path
+
+# An installed lowrank maps the repository's top-level kernels/ to lowrank.kernels
+# (pyproject's package-dir). Running from a source checkout without installing, that
+# mapping is missing: register the sibling folder under the same name so both behave alike.
+try:
+    from . import kernels  # noqa: F401
+except ModuleNotFoundError as _e:
+    if _e.name != f"{__name__}.kernels":
+        raise
+    _dir = _Path(__file__).resolve().parent.parent / "kernels"
+    _spec = _ilu.spec_from_file_location(
+        f"{__name__}.kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)]
+    )
+    kernels = _ilu.module_from_spec(_spec)
+    _sys.modules[_spec.name] = kernels
+    _spec.loader.exec_module(kernels)
+
+from .errors import CheckpointError, ConfigError, DataError, LowrankError  # noqa: E402
+
+__version__ = "0.1.0"
