@@ -24,3 +24,94 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"{SHARED} is missing: tests need the shared fixtures beside the checkout")
     return SHARED
+
+
+# ---- tiny random checkpoints shaped like the real configs -------------------------------
+
+import copy  # noqa: E402
+import json  # noqa: E402
+
+
+def real_config(name: str) -> dict:
+    return json.loads((FIXTURES / "configs" / f"{name}.json").read_text())
+
+
+def shrink(d: dict, layers: int = 2, vocab: int = 257, head_dim: int = 16, intermediate: int = 96) -> dict:
+    """Keep a real config's structure (heads, kv heads, biases, tie, rope, norm eps, whether
+    head_dim is explicit) and shrink its sizes, in the hub's 4.x layout."""
+    d = copy.deepcopy(d)
+    heads = d["num_attention_heads"]
+    explicit_head_dim = "head_dim" in d and d["head_dim"] * heads != d["hidden_size"]
+    d.update(num_hidden_layers=layers, vocab_size=vocab, intermediate_size=intermediate)
+    if explicit_head_dim:
+        d["head_dim"] = head_dim
+        d["hidden_size"] = 64
+    else:
+        d.pop("head_dim", None)
+        d["hidden_size"] = heads * head_dim
+    if "max_window_layers" in d:
+        d["max_window_layers"] = layers
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if isinstance(d.get(key), int):
+            d[key] = d[key] % vocab
+    d["torch_dtype"] = "float32"
+    return d
+
+
+def randomize_(model, seed: int = 0):
+    """Fill every parameter with noise: default inits put zeros in biases and ones in norms,
+    where a bug would go unseen."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.2 * noise)
+            else:
+                p.copy_(noise / p.shape[-1] ** 0.5)
+    return model
+
+
+def make_hf_checkpoint(folder, config: dict, layout: str = "5.x", max_shard_size=None, seed: int = 0,
+                       dtype=torch.float32):
+    """Build a random transformers model from `config` (4.x layout), save it with
+    save_pretrained and return the transformers model (fp32, eval mode).
+
+    layout "4.x" rewrites config.json the way the hub carries it; "5.x" keeps what
+    transformers 5 wrote (rope_parameters, dtype)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    hf_config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    randomize_(model, seed)
+    model.eval()
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.to(dtype).save_pretrained(folder, **kwargs)
+    model.float()
+    if layout == "4.x":
+        saved = json.loads((folder / "config.json").read_text())
+        config = dict(config, torch_dtype=str(dtype).removeprefix("torch."))
+        assert "rope_parameters" in saved or "rope_theta" in saved
+        (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """factory(name, layout="5.x", max_shard_size=None, **config_overrides) -> (folder, hf_model)"""
+    counter = iter(range(1000))
+
+    def factory(name: str, layout: str = "5.x", max_shard_size=None, seed: int = 0, dtype=torch.float32,
+                **overrides):
+        config = shrink(real_config(name))
+        config.update(overrides)
+        folder = tmp_path / f"{name}-{next(counter)}"
+        return folder, make_hf_checkpoint(folder, config, layout, max_shard_size, seed, dtype)
+
+    return factory

@@ -1,0 +1,223 @@
+"""Hugging Face-format model folders: config.json plus safetensors, single file or sharded.
+
+Loading builds the module on the meta device and assigns the tensors read from the files,
+so peak memory stays near one copy of the weights. Only safetensors are read: never pickle,
+never remote code. Saving writes each file under a temporary name and renames it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import read_config
+from .errors import CheckpointError, LowrankError
+from .models import build_model
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers some old checkpoints carry that lowrank recomputes instead.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model folder, checked to exist."""
+    if (folder / SINGLE).is_file():
+        return [folder / SINGLE]
+    index = folder / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        files = [folder / n for n in names]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: lists shard {f.name!r}, which is missing from {folder}")
+        return files
+    pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    hint = f" (found {', '.join(pickles)}: lowrank never loads pickle files; convert them to safetensors)" if pickles else ""
+    raise CheckpointError(f"{folder}: no {SINGLE} or {INDEX}{hint}")
+
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header {name: (dtype, shape, begin, end)} and where the data starts,
+    checked against the file's size so a truncated or corrupt file fails here, by name."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_size, out = size - 8 - n, {}
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = _DTYPES[info["dtype"]], [int(d) for d in info["shape"]], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {key!r} has a malformed header entry {info!r}") from None
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if not (0 <= begin <= end <= data_size) or end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} lies at bytes {begin}..{end} of {data_size} and needs {nbytes}: "
+                "the file is truncated or corrupt"
+            )
+        out[key] = (dtype, shape, begin, end)
+    return out, 8 + n
+
+
+def read_tensor(f, start: int, dtype, shape, begin: int, end: int) -> torch.Tensor:
+    """Read one tensor straight into its own storage: no second copy, no memory map."""
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(start + begin)
+    if f.readinto(buf.numpy()) != end - begin:
+        raise CheckpointError(f"{f.name}: the file ended inside a tensor")
+    return buf.view(dtype).reshape(shape)
+
+
+def _expected(model) -> dict[str, torch.Tensor]:
+    """Parameter name -> meta tensor, without the LM head when it is tied to the embeddings."""
+    expected = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    return expected
+
+
+def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
+    """Load a Hugging Face-format folder as a lowrank model.
+
+    dtype: defaults to the dtype the weights are stored in. device: defaults to the CPU.
+    Raises CheckpointError, naming the file and key, on anything missing, extra or corrupt.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    cfg = read_config(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    expected = _expected(model)
+    state: dict[str, torch.Tensor] = {}
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    for f in files:
+        header, start = read_header(f)
+        with open(f, "rb") as fh:
+            for key, (t_dtype, shape, begin, end) in header.items():
+                if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                    continue
+                if key not in expected:
+                    raise CheckpointError(f"{f}: unexpected tensor {key!r} for a {cfg.model_type} model")
+                if key in state:
+                    raise CheckpointError(f"{f}: tensor {key!r} appears in more than one shard")
+                if tuple(shape) != tuple(expected[key].shape):
+                    raise CheckpointError(
+                        f"{f}: tensor {key!r} has shape {shape}, the config implies {list(expected[key].shape)}"
+                    )
+                t = read_tensor(fh, start, t_dtype, shape, begin, end)
+                if dtype is not None and t.is_floating_point():
+                    t = t.to(dtype)
+                state[key] = t.to(device)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(map(repr, missing[:3]))}{more}")
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) > 1:  # mixed storage: settle on the config's dtype, else the widest
+        target = cfg.dtype if cfg.dtype in dtypes else max(dtypes, key=lambda d: torch.finfo(d).bits)
+        state = {k: t.to(target) if t.is_floating_point() else t for k, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model
+
+
+def _shard_bytes(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise LowrankError(f"max_shard_size {size!r}: expected bytes or a size such as '2GB' or '500MB'")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def _write_atomic(path: Path, write):
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> Path:
+    """Write `model` as a Hugging Face folder that transformers' from_pretrained loads.
+
+    The config is written in the 4.x layout; tensors larger than max_shard_size are split
+    across shards with a `model.safetensors.index.json`. Adapters must be merged first.
+    """
+    folder = Path(path)
+    with torch.device("meta"):
+        reference = build_model(model.config)
+    expected = _expected(reference)
+    state = model.state_dict()
+    extra = [k for k in state if k not in expected and k != "lm_head.weight"]
+    if extra:
+        raise LowrankError(
+            f"save_model: the model holds {extra[0]!r}, which is not a base-model weight: "
+            "merge the adapter (lowrank.merge_adapter) or save it with lowrank.save_adapter"
+        )
+    tensors = {}
+    for k in expected:
+        t = state[k].detach()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        tensors[k] = t.to("cpu").contiguous()
+    limit = _shard_bytes(max_shard_size)
+    shards: list[dict] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    folder.mkdir(parents=True, exist_ok=True)
+    saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    config = model.config.to_hf_dict(dtype=saved_dtype)
+    _write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        names = [SINGLE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+            "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
+        }
+        _write_atomic(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+    # Weights from an earlier save in another layout would shadow or confuse the new ones.
+    for old in folder.glob("model*.safetensors*"):
+        if old.name not in names and old.name != (INDEX if len(shards) > 1 else None):
+            old.unlink()
+    return folder
