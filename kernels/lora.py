@@ -1,11 +1,28 @@
 """Low-rank (LoRA) linear: y = x @ W.T + bias + scale * (dropout(x) @ A.T) @ B.T.
 
-The torch reference below is the spec, the CPU fallback and the test oracle.
-(The fused Triton path is being written; until it lands every call takes the reference.)
+Shapes: x [..., K], W [N, K] (frozen), bias [N] or None, A [r, K], B [N, r].
+With h = dropout(x) = x * keep / (1 - p) and xs = scale * h @ A.T ([M, r], small), the
+gradients are
+    dB = dy.T @ xs            dxs = scale * dy @ B            dA = dxs.T @ h
+    dx = dy @ W + (dxs @ A) * keep / (1 - p)
+The base branch never saw dropout, so only the LoRA branch of dx is masked.
+
+Two paths, one answer within dtype tolerance (`dispatch` chooses):
+  - the torch reference below: PEFT's computation, the CPU fallback and the test oracle;
+  - the fused Triton kernels in `lora_merged.py`: the LoRA product is accumulated into the base
+    GEMM's tile, dropout is applied as x is read and regenerated from a seed in the backward
+    (no mask kept), and one read of dy gives both dxs and dB. See docs/kernels.md.
+
+`lora_linear_merged` runs several projections of the same x (q/k/v, gate/up) as one wide
+GEMM; the Triton kernels are written for that case and a single projection is a merge of one.
+Each projection keeps its own dropout mask, as separate calls would. The Triton path draws its
+dropout seed from torch's CPU generator and rounds p to a multiple of 2^-16.
 """
 
 import torch
 import torch.nn.functional as F
+
+from .dispatch import kernel_choice, use_triton
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
@@ -15,6 +32,64 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
     return base + scale * F.linear(F.linear(h, lora_a), lora_b)
 
 
+def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
+    """Separate reference calls, one per projection."""
+    return [lora_linear_reference(x, w, b, a, bb, s, dropout_p, training)
+            for w, b, a, bb, s in zip(weights, biases, lora_as, lora_bs, scales, strict=True)]
+
+
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
     """x: [..., K]; weight: [N, K] (frozen); bias: [N] or None; lora_a: [r, K]; lora_b: [N, r]."""
-    return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+    _check_shapes(x, [weight], [bias], [lora_a], [lora_b], [scale])
+    if not _takes_triton(x, [weight], [bias], [lora_a], [lora_b]):
+        return lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
+    from .lora_merged import lora_projections
+
+    return lora_projections(x, [weight], [bias], [lora_a], [lora_b], [scale], dropout_p, training)
+
+
+def lora_linear_merged(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
+    """Several LoRA projections of one input, e.g. q/k/v or gate/up, as one wide GEMM.
+
+    weights, biases, lora_as, lora_bs, scales: one entry per projection (a bias may be None).
+    Returns the list of outputs, [..., N_s] each: views into one [..., sum N_s] tensor, so
+    reshaping the last dim into heads is free. Equal to separate `lora_linear` calls.
+    """
+    _check_shapes(x, weights, biases, lora_as, lora_bs, scales)
+    if not _takes_triton(x, weights, biases, lora_as, lora_bs):
+        return lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
+    from .lora_merged import lora_projections
+
+    y = lora_projections(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
+    return list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def _takes_triton(x, weights, biases, lora_as, lora_bs) -> bool:
+    if not use_triton(x):
+        return False
+    from .lora_merged import check_supported  # imports triton: only reached when it imports
+
+    why = check_supported(x, weights, biases, lora_as, lora_bs)
+    if why is None:
+        return True
+    if kernel_choice() == "triton":
+        raise ValueError(f"LOWRANK_KERNEL=triton, but the LoRA kernels do not take {why}")
+    return False  # auto: the reference serves what the kernels do not
+
+
+def _check_shapes(x, weights, biases, lora_as, lora_bs, scales):
+    counts = {len(weights), len(biases), len(lora_as), len(lora_bs), len(scales)}
+    if len(counts) != 1 or not weights:
+        raise ValueError("weights, biases, lora_as, lora_bs and scales need one entry per projection")
+    K = x.shape[-1]
+    for i, (w, b, a, bb) in enumerate(zip(weights, biases, lora_as, lora_bs)):
+        n, r = w.shape[0], a.shape[0]
+        expected = {"weight": (w, (n, K)), "lora_a": (a, (r, K)), "lora_b": (bb, (n, r))}
+        if b is not None:
+            expected["bias"] = (b, (n,))
+        for name, (t, shape) in expected.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"projection {i}: {name} has shape {tuple(t.shape)}, expected {shape} "
+                    f"for x [..., {K}], weight [{n}, {K}], rank {r}"
+                )

@@ -25,5 +25,5 @@ from .errors import CheckpointError, ConfigError, DataError, LowrankError  # noq
 __version__ = "0.1.0"
 from .checkpoint import load_model, save_model  # noqa: E402
 from .config import ModelConfig, read_config  # noqa: E402
-from .generate import generate  # noqa: E402
+from .generation import generate  # noqa: E402
 from .models import KVCache, build_model  # noqa: E402
