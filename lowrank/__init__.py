@@ -27,3 +27,8 @@ from .checkpoint import load_model, save_model  # noqa: E402
 from .config import ModelConfig, read_config  # noqa: E402
 from .generation import generate  # noqa: E402
 from .models import KVCache, build_model  # noqa: E402
+from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from .chat_template import render_chat  # noqa: E402
+from .data import DataReport, load_dataset  # noqa: E402
+from .batching import collate, collate_packed, length_grouped_order, make_batches, pack  # noqa: E402
+from .loss import count_trainable_tokens, masked_cross_entropy  # noqa: E402

@@ -1,0 +1,420 @@
+"""Tokenizers of Qwen and DeepSeek folders, read without transformers.
+
+A folder holds one of three encodings of the vocabulary, tried in this order:
+
+- ``tokenizer.json``: the whole pipeline, loaded as is by the ``tokenizers`` library;
+- ``vocab.json`` + ``merges.txt``: Qwen's "slow" byte-level BPE files. The pipeline is rebuilt
+  the way transformers' Qwen2Tokenizer builds it (NFC, Qwen's split regex, byte-level bytes,
+  byte-level decoder); the test suite checks it against the ``tokenizer.json`` of the same model;
+- ``tokenizer.model``: a SentencePiece model, run by ``sentencepiece``.
+
+``tokenizer_config.json`` / ``special_tokens_map.json`` / ``added_tokens.json`` add the named
+special tokens (bos, eos, pad, unk), the extra special tokens and the added tokens. Added tokens
+are matched in the raw text before BPE runs, so ``<|im_end|>`` is one id wherever it appears.
+
+Pad-token fallback: base models often name no pad token. Padding positions are masked out of
+attention and loss, so any real id works; lowrank takes, in order, the configured ``pad_token``,
+``<|endoftext|>`` when the vocabulary has it (Qwen), then the eos token.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .chat_template import BUILTIN_TEMPLATES, render_chat
+from .errors import CheckpointError, ConfigError
+
+# The split regex of Qwen2's pre-tokenizer, as in its tokenizer.json.
+QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")
+
+
+@dataclass(frozen=True)
+class AddedTokenSpec:
+    """One added token as a folder describes it; id is None where the folder leaves it to us."""
+
+    content: str
+    special: bool
+    id: int | None = None
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+
+
+@dataclass
+class Tokenizer:
+    """A loaded tokenizer: ids in and out, named special tokens, and the model's chat template."""
+
+    backend: "_TokenizersBackend | _SentencePieceBackend"
+    path: Path
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    chat_template: str | None = None
+    # The named tokens the folder configures (pad without its fallback): what templates see.
+    template_tokens: dict[str, str] = field(default_factory=dict)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens adds the bos/eos the folder asks for (none for Qwen)."""
+        return self.backend.encode(text, add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(int(token_id))
+
+    @property
+    def special_tokens(self) -> set[str]:
+        """Contents of the tokens `decode(..., skip_special_tokens=True)` drops."""
+        return self.backend.special_tokens()
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the base vocabulary, without added tokens (transformers' `vocab_size`)."""
+        return self.backend.size(with_added=False)
+
+    def __len__(self) -> int:
+        """Number of ids the tokenizer can produce, added tokens included."""
+        return self.backend.size(with_added=True)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs):
+        """Render `messages` with the model's chat template, as transformers does; ids if tokenize."""
+        if self.chat_template is None:
+            raise ConfigError(
+                f"{self.path}: the tokenizer has no chat template and none of the built-in ones "
+                f"({', '.join(BUILTIN_TEMPLATES)}) fits its vocabulary; pass chat_template= to load_tokenizer"
+            )
+        text = render_chat(self.chat_template, messages, add_generation_prompt,
+                           **{**self.template_tokens, **kwargs})
+        # As transformers: the template writes the bos itself, so no special tokens are added.
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
+    """Load the tokenizer of a model folder.
+
+    chat_template: a Jinja template source or a built-in name ("chatml", "deepseek"), used in
+    place of the folder's own; folders that carry none get ChatML when the vocabulary has
+    ``<|im_start|>``/``<|im_end|>`` and the DeepSeek format when its eos is
+    ``<｜end▁of▁sentence｜>``.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: tokenizer folder not found")
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    special_map = _read_json(folder / "special_tokens_map.json") or {}
+    backend = _open_backend(folder, config)
+    try:
+        named = _named_tokens(config, special_map, backend)
+        backend.add_tokens(_added_tokens(folder, config, special_map, named))
+    except CheckpointError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    _set_bos_eos(backend, config, named)
+
+    tokens = {key: spec.content for key, spec in named.items()}
+    pad = tokens.get("pad_token")
+    if pad is None:
+        pad = "<|endoftext|>" if backend.token_to_id("<|endoftext|>") is not None else tokens.get("eos_token")
+    tok = Tokenizer(backend=backend, path=folder, bos_token=tokens.get("bos_token"), eos_token=tokens.get("eos_token"),
+                    pad_token=pad, unk_token=tokens.get("unk_token"), template_tokens=tokens)
+    tok.chat_template = _chat_template(folder, config, tok, chat_template)
+    return tok
+
+
+# ---- reading the folder -------------------------------------------------------------------
+
+def _read_json(file: Path):
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _open_backend(folder: Path, config: dict):
+    if (folder / "tokenizer.json").is_file():
+        return _TokenizersBackend.from_tokenizer_json(folder / "tokenizer.json")
+    if (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
+        return _TokenizersBackend.from_byte_level_bpe(folder, bool(config.get("add_prefix_space", False)))
+    if (folder / "tokenizer.model").is_file():
+        return _SentencePieceBackend(folder / "tokenizer.model")
+    raise CheckpointError(
+        f"{folder}: no tokenizer files; expected tokenizer.json, vocab.json + merges.txt, or tokenizer.model"
+    )
+
+
+def _named_tokens(config: dict, special_map: dict, backend) -> dict[str, AddedTokenSpec]:
+    """bos_token, eos_token, ...: tokenizer_config.json first, then special_tokens_map.json; a
+    SentencePiece model the configs say nothing about brings its own bos / eos / unk."""
+    named = {}
+    for key in NAMED_SPECIAL_TOKENS:
+        spec = _token_spec(config[key] if config.get(key) is not None else special_map.get(key))
+        if spec is not None:
+            named[key] = spec
+    if isinstance(backend, _SentencePieceBackend):
+        sp = backend.sp
+        for key, token_id in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
+            if key not in config and key not in named and token_id >= 0:
+                named[key] = AddedTokenSpec(sp.id_to_piece(token_id), special=True)
+    return named
+
+
+def _token_spec(value, token_id: int | None = None, special: bool = True) -> AddedTokenSpec | None:
+    """A token as configs write it: a string, or a dict with `content` and flags (AddedToken)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return AddedTokenSpec(value, special=special, id=token_id)
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        flags = {k: bool(value[k]) for k in _TOKEN_FLAGS if k in value}
+        return AddedTokenSpec(value["content"], special=bool(value.get("special", special)), id=token_id, **flags)
+    raise CheckpointError(f"token {value!r}: expected a string or a dict with 'content'")
+
+
+def _added_tokens(folder: Path, config: dict, special_map: dict, named: dict) -> list[AddedTokenSpec]:
+    """Every added token in the order transformers registers them: those with fixed ids first
+    (added_tokens_decoder, added_tokens.json), then the named and extra special tokens."""
+    specs = [_token_spec(value, int(token_id), special=False)
+             for token_id, value in config.get("added_tokens_decoder", {}).items()]
+    specs += [AddedTokenSpec(content, special=False, id=int(token_id))
+              for content, token_id in (_read_json(folder / "added_tokens.json") or {}).items()]
+    specs = sorted(specs, key=lambda s: s.id) + list(named.values())
+    for source in (config, special_map):
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            extra = source.get(key) or []
+            # transformers 4 wrote extra_special_tokens as a {name: token} dict, 5 as a list.
+            specs += [_token_spec(v) for v in (extra.values() if isinstance(extra, dict) else extra)]
+    special = {s.content for s in specs if s.special}
+    seen, unique = set(), []
+    for s in specs:
+        if s.content not in seen:
+            seen.add(s.content)
+            # A token named special anywhere is special (skipped by decode(skip_special_tokens=True)).
+            unique.append(replace(s, special=s.content in special))
+    return unique
+
+
+def _set_bos_eos(backend, config: dict, named: dict) -> None:
+    """bos/eos added by encode(add_special_tokens=True): transformers rebuilds the post-processor
+    from add_bos_token/add_eos_token when the config states them, or when tokenizer.json has none;
+    otherwise tokenizer.json's own post-processor stands."""
+    if isinstance(backend, _SentencePieceBackend):
+        # LlamaTokenizer's defaults for SentencePiece models.
+        add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
+    elif "add_bos_token" in config or "add_eos_token" in config or not backend.has_post_processor():
+        add_bos, add_eos = config.get("add_bos_token", False), config.get("add_eos_token", False)
+    else:
+        return
+    bos, eos = named.get("bos_token"), named.get("eos_token")
+    backend.set_bos_eos(bos.content if add_bos and bos else None, eos.content if add_eos and eos else None)
+
+
+def _chat_template(folder: Path, config: dict, tok: Tokenizer, override: str | None) -> str | None:
+    source = override
+    if source is None and (folder / "chat_template.jinja").is_file():
+        source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if source is None:
+        source = config.get("chat_template")
+        if isinstance(source, list):  # a list of named templates: take the default one
+            source = next((t["template"] for t in source if t.get("name") == "default"), None)
+    if source is None:
+        if tok.token_to_id("<|im_start|>") is not None and tok.token_to_id("<|im_end|>") is not None:
+            source = "chatml"
+        elif tok.eos_token == "<｜end▁of▁sentence｜>":
+            source = "deepseek"
+    return BUILTIN_TEMPLATES.get(source, source)
+
+
+# ---- backends: one per file format, the same methods -----------------------------------
+
+class _TokenizersBackend:
+    """tokenizer.json, or Qwen's vocab.json + merges.txt rebuilt as the same pipeline."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    @classmethod
+    def from_tokenizer_json(cls, file: Path) -> "_TokenizersBackend":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            return cls(HFTokenizer.from_file(str(file)))
+        except Exception as e:  # the Rust side raises plain Exception on any parse error
+            raise CheckpointError(f"{file}: cannot be read as a tokenizers file ({e})") from None
+
+    @classmethod
+    def from_byte_level_bpe(cls, folder: Path, add_prefix_space: bool) -> "_TokenizersBackend":
+        from tokenizers import Regex, decoders, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers.models import BPE
+
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise CheckpointError(
+                    f"{folder / name}: missing; a byte-level BPE folder needs vocab.json and merges.txt")
+        try:
+            bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), dropout=None, unk_token=None,
+                                continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                                byte_fallback=False)
+        except Exception as e:
+            raise CheckpointError(f"{folder}: vocab.json / merges.txt cannot be read ({e})") from None
+        tok = HFTokenizer(bpe)
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        return cls(tok)
+
+    def add_tokens(self, specs: list[AddedTokenSpec]) -> None:
+        from tokenizers import AddedToken
+
+        known = {t.content for t in self.tok.get_added_tokens_decoder().values()}
+        for spec in specs:
+            have = self.tok.token_to_id(spec.content)
+            token_id = have if have is not None else self.tok.get_vocab_size(with_added_tokens=True)
+            if spec.id is not None and spec.id != token_id:
+                raise CheckpointError(
+                    f"added token {spec.content!r}: the folder gives id {spec.id}, the vocabulary {token_id}")
+            if spec.content in known:
+                continue
+            token = AddedToken(spec.content, single_word=spec.single_word, lstrip=spec.lstrip, rstrip=spec.rstrip,
+                               normalized=spec.normalized, special=spec.special)
+            (self.tok.add_special_tokens if spec.special else self.tok.add_tokens)([token])
+
+    def has_post_processor(self) -> bool:
+        return self.tok.post_processor is not None
+
+    def set_bos_eos(self, bos: str | None, eos: str | None) -> None:
+        from tokenizers import processors
+
+        single = " ".join([f"{bos}:0"] * bool(bos) + ["$A:0"] + [f"{eos}:0"] * bool(eos))
+        pair = single + " " + " ".join([f"{bos}:1"] * bool(bos) + ["$B:1"] + [f"{eos}:1"] * bool(eos))
+        specials = [(t, self.tok.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
+        self.tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tok.id_to_token(token_id)
+
+    def special_tokens(self) -> set[str]:
+        return {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+
+    def size(self, with_added: bool) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=with_added)
+
+
+class _SentencePieceBackend:
+    """tokenizer.model. Added tokens are split out of the text first, as tokenizers does; each
+    piece of plain text between them is encoded by sentencepiece on its own (with its dummy
+    prefix, as transformers' legacy Llama tokenizer does)."""
+
+    def __init__(self, file: Path):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(file))
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot be read as a SentencePiece model ({e})") from None
+        self.added: dict[str, int] = {}
+        self.added_special: set[str] = set()
+        self.prefix: list[int] = []
+        self.suffix: list[int] = []
+        self._split = None
+
+    def add_tokens(self, specs: list[AddedTokenSpec]) -> None:
+        for spec in specs:
+            token_id = self.token_to_id(spec.content)
+            if token_id is None:
+                token_id = self.size(with_added=True)
+            if spec.id is not None and spec.id != token_id:
+                raise CheckpointError(
+                    f"added token {spec.content!r}: the folder gives id {spec.id}, the vocabulary {token_id}")
+            self.added[spec.content] = token_id
+            if spec.special:
+                self.added_special.add(spec.content)
+        # Longest first, so a token that contains another wins.
+        names = sorted(self.added, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
+
+    def set_bos_eos(self, bos: str | None, eos: str | None) -> None:
+        self.prefix = [self.token_to_id(bos)] if bos else []
+        self.suffix = [self.token_to_id(eos)] if eos else []
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = []
+        for i, piece in enumerate(self._split.split(text) if self._split else [text]):
+            if i % 2:  # re.split puts the matched added tokens at odd positions
+                ids.append(self.added[piece])
+            elif piece:
+                ids += self.sp.encode(piece)
+        return self.prefix + ids + self.suffix if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
+        by_id = {i: t for t, i in self.added.items()}
+        out, run = [], []
+        for i in ids:
+            if i in by_id:
+                out.append(self.sp.decode(run))
+                run = []
+                if not (skip_special_tokens and by_id[i] in self.added_special):
+                    out.append(by_id[i])
+            elif not (skip_special_tokens and self.sp.is_control(i)):
+                run.append(i)
+        return "".join(out) + self.sp.decode(run)
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self.added:
+            return self.added[token]
+        token_id = self.sp.piece_to_id(token)
+        # sentencepiece answers the unk id for unknown pieces
+        return token_id if self.sp.id_to_piece(token_id) == token else None
+
+    def id_to_token(self, token_id: int) -> str | None:
+        for token, i in self.added.items():
+            if i == token_id:
+                return token
+        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.sp.get_piece_size() else None
+
+    def special_tokens(self) -> set[str]:
+        return set(self.added_special)
+
+    def size(self, with_added: bool) -> int:
+        base = self.sp.get_piece_size()
+        return max([base] + [i + 1 for i in self.added.values()]) if with_added else base

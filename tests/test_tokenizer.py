@@ -1,0 +1,193 @@
+"""lowrank.tokenizer against llama.cpp's reference tokenizations and transformers' tokenizers."""
+
+import io
+import json
+import random
+import shutil
+import unicodedata
+
+import pytest
+from tests.conftest import DATA, FIXTURES
+
+from lowrank.errors import CheckpointError
+from lowrank.tokenizer import load_tokenizer
+
+TOKENIZERS = FIXTURES / "tokenizers"
+QWEN_SLOW = TOKENIZERS / "qwen2.5-instruct"
+QWEN_JSON = TOKENIZERS / "qwen2.5-instruct-tokenizer-json"
+CASES = FIXTURES / "tokenizer_tests"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return {"slow": load_tokenizer(QWEN_SLOW), "json": load_tokenizer(QWEN_JSON)}
+
+
+@pytest.fixture(scope="module")
+def hf_qwen():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(QWEN_SLOW)
+
+
+def sample_texts(n_per_file=25, seed=0):
+    """Texts from every sample data set, plus the same records rendered as ChatML with special tokens."""
+    rng = random.Random(seed)
+    texts = []
+    for name in ("identity.json", "alpaca_en_demo.json", "alpaca_zh_demo.json", "huanhuan-100.json"):
+        records = json.loads((DATA / name).read_text(encoding="utf-8"))
+        for r in rng.sample(records, n_per_file):
+            texts += [r["instruction"], r["output"],
+                      f"<|im_start|>user\n{r['instruction']}\n{r['input']}<|im_end|>\n<|im_start|>assistant\n"
+                      f"{r['output']}<|im_end|>\n"]
+    return texts
+
+
+def test_slow_files_build_the_pipeline_of_tokenizer_json(qwen):
+    slow = json.loads(qwen["slow"].backend.tok.to_str())
+    fast = json.loads(qwen["json"].backend.tok.to_str())
+    for key in ("normalizer", "pre_tokenizer", "decoder", "post_processor", "added_tokens"):
+        assert slow[key] == fast[key], key
+    assert slow["model"] == fast["model"]
+
+
+@pytest.mark.parametrize("form", ["slow", "json"])
+def test_llama_cpp_reference_cases(qwen, form):
+    cases = json.loads((CASES / "ggml-vocab-qwen2.cases.json").read_text(encoding="utf-8"))
+    assert len(cases) == 46
+    tok = qwen[form]
+    for case in cases:
+        assert tok.encode(case["text"], add_special_tokens=False) == case["ids"], repr(case["text"])
+        # byte-level BPE loses nothing but the NFC normalisation
+        assert tok.decode(case["ids"]) == unicodedata.normalize("NFC", case["text"])
+
+
+@pytest.mark.parametrize("form", ["slow", "json"])
+def test_sample_data_matches_transformers(qwen, hf_qwen, form):
+    tok = qwen[form]
+    for text in sample_texts():
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == hf_qwen(text, add_special_tokens=False)["input_ids"], text[:60]
+        assert tok.encode(text) == hf_qwen(text)["input_ids"]
+        assert tok.decode(ids) == text
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf_qwen.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("form", ["slow", "json"])
+def test_special_and_added_tokens(qwen, hf_qwen, form):
+    tok = qwen[form]
+    assert len(tok) == len(hf_qwen)
+    assert tok.vocab_size == hf_qwen.vocab_size
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
+        hf_qwen.bos_token_id, hf_qwen.eos_token_id, hf_qwen.pad_token_id)
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    # every added token is one id wherever it stands, even glued to text
+    for content, token_id in hf_qwen.get_added_vocab().items():
+        ids = tok.encode(f"a{content}b", add_special_tokens=False)
+        assert ids == hf_qwen(f"a{content}b", add_special_tokens=False)["input_ids"]
+        assert token_id in ids
+    assert tok.special_tokens == set(hf_qwen.all_special_tokens) | {"<|endoftext|>"}
+
+
+def test_deepseek_r1_distill_qwen_config_on_qwen_vocabulary(tmp_path):
+    # The folder carries only DeepSeek's tokenizer_config; its vocabulary is Qwen's. Its config
+    # names LlamaTokenizerFast, which in transformers 5 ignores vocab.json, so the oracle is
+    # Qwen2Tokenizer on the same folder.
+    from transformers import Qwen2Tokenizer
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(QWEN_SLOW / name, tmp_path / name)
+    shutil.copy(TOKENIZERS / "deepseek-r1-distill-qwen" / "tokenizer_config.json", tmp_path)
+    tok, hf = load_tokenizer(tmp_path), Qwen2Tokenizer.from_pretrained(tmp_path)
+    assert tok.bos_token == "<｜begin▁of▁sentence｜>" and tok.eos_token == "<｜end▁of▁sentence｜>"
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (hf.bos_token_id, hf.eos_token_id,
+                                                                      hf.pad_token_id)
+    assert len(tok) == len(hf)
+    for token in (tok.bos_token, tok.eos_token):
+        assert tok.encode(token, add_special_tokens=False) == [tok.token_to_id(token)]
+    text = "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>1+1=?<｜Assistant｜>2<｜end▁of▁sentence｜>"
+    for add in (False, True):
+        assert tok.encode(text, add_special_tokens=add) == hf(text, add_special_tokens=add)["input_ids"]
+    # add_bos_token is true in DeepSeek's config: encode() starts with the bos, as transformers'
+    assert tok.encode("hi")[0] == tok.bos_token_id
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == hf.decode(hf(text)["input_ids"],
+                                                                               skip_special_tokens=True)
+
+
+def test_deepseek_llm_and_coder_cases():
+    pytest.skip("deepseek-llm / deepseek-coder come as llama.cpp vocab-only GGUF files without a tokenizer.json; "
+                "lowrank does not parse GGUF (their pre-tokenizer regexes would have to be transcribed too)")
+
+
+def test_pad_token_falls_back_to_endoftext_then_eos(tmp_path):
+    qwen_base = tmp_path / "qwen-base"
+    qwen_base.mkdir()
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        shutil.copy(QWEN_SLOW / name, qwen_base / name)
+    (qwen_base / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    tok = load_tokenizer(qwen_base)
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == 151643
+
+    no_endoftext = tmp_path / "no-endoftext"
+    no_endoftext.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(QWEN_SLOW / name, no_endoftext / name)
+    (no_endoftext / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|my_eos|>"}))
+    tok = load_tokenizer(no_endoftext)
+    assert tok.pad_token == "<|my_eos|>" and tok.pad_token_id == tok.eos_token_id == len(tok) - 1
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_folder(tmp_path_factory):
+    import sentencepiece as spm
+
+    records = json.loads((DATA / "alpaca_en_demo.json").read_text(encoding="utf-8"))[:300]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(r["output"] for r in records), model_writer=model,
+                                   vocab_size=300, model_type="bpe", minloglevel=2)
+    folder = tmp_path_factory.mktemp("sp")
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"added_tokens_decoder": {"300": {"content": "<|user|>", "special": True}}}))
+    return folder
+
+
+def test_sentencepiece_model(sentencepiece_folder):
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_folder / "tokenizer.model"))
+    tok = load_tokenizer(sentencepiece_folder)
+    assert len(tok) == 301 and tok.vocab_size == 300
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    text = "Making crepes is an easy process."
+    assert tok.encode(text, add_special_tokens=False) == sp.encode(text)
+    assert tok.encode(text) == [sp.bos_id()] + sp.encode(text)  # add_bos_token defaults to true
+    ids = tok.encode(f"<|user|>{text}<|user|>", add_special_tokens=False)
+    assert ids == [300] + sp.encode(text) + [300]
+    assert tok.decode(ids) == f"<|user|>{text}<|user|>"
+    assert tok.decode(ids, skip_special_tokens=True) == text
+
+
+def test_bad_tokenizer_folders(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_tokenizer(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="no tokenizer files"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="merges.txt"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "model": 3}')
+    with pytest.raises(CheckpointError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json"):
+        load_tokenizer(tmp_path)
+
+    gap = tmp_path / "gap"
+    gap.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(QWEN_SLOW / name, gap / name)
+    (gap / "added_tokens.json").write_text(json.dumps({"<|x|>": 151700}))
+    with pytest.raises(CheckpointError, match=r"gap: added token '<\|x\|>': the folder gives id 151700"):
+        load_tokenizer(gap)
