@@ -48,8 +48,7 @@ def generate(
     model.eval()
     try:
         cache = model.new_cache()
-        offset = model.model.prefix_tokens()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + offset
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(ids, attention_mask=mask, position_ids=positions, cache=cache)[:, -1]
         out = [ids]
         done = torch.zeros(B, dtype=torch.bool, device=ids.device)

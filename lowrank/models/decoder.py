@@ -9,8 +9,8 @@ Hooks for adapters, which wrap the model from outside:
 - every `nn.Linear` is a plain module that an adapter may replace;
 - `Attention.kv_prefix`: None, or an object with `num_tokens` and `__call__(batch_size)`
   returning key / value prefixes `[B, n_kv_heads, P, head_dim]` (P-tuning v2). The prefix is
-  always visible, carries no rotation, and shifts the default positions by P, exactly as a
-  pre-filled KV cache does in transformers, so prefix adapters trained with PEFT match.
+  always visible, carries no rotation, and shifts every position (given or default) by P,
+  as PEFT does, so prefix adapters trained with PEFT match.
 """
 
 from __future__ import annotations
@@ -167,13 +167,12 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         prefix = self.prefix_tokens()
+        packed_ids = position_ids
         if position_ids is None:
-            position_ids = torch.arange(prefix + past, prefix + past + T, device=input_ids.device).expand(B, T)
-            packed_ids = None
-        else:
-            packed_ids = position_ids
+            position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(position_ids, x.dtype)
+        # Real tokens sit after the prefix, given positions or not, as in PEFT.
+        cos, sin = self.rotary(position_ids + prefix, x.dtype)
         mask = attention_mask_for(attention_mask, packed_ids, T, past, prefix, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
