@@ -32,3 +32,16 @@ from .chat_template import render_chat  # noqa: E402
 from .data import DataReport, load_dataset  # noqa: E402
 from .batching import collate, collate_packed, length_grouped_order, make_batches, pack  # noqa: E402
 from .loss import count_trainable_tokens, masked_cross_entropy  # noqa: E402
+from .adapters import (  # noqa: E402
+    FreezeConfig,
+    LoraConfig,
+    apply_freeze,
+    apply_lora,
+    load_adapter,
+    merge_adapter,
+    merged,
+    save_adapter,
+    trainable_parameters,
+    trainable_summary,
+)
+from .adapters.prefix import PrefixConfig, apply_prefix, fold_prefix, remove_prefix  # noqa: E402
