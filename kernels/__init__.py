@@ -5,6 +5,9 @@ plain torch reference that is the CPU fallback and the test oracle. `dispatch` p
 """
 
 from .dispatch import kernel_choice, use_triton
-from .lora import lora_linear, lora_linear_reference
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from .lora import lora_linear, lora_linear_merged, lora_linear_merged_reference, lora_linear_reference
 
-__all__ = ["kernel_choice", "use_triton", "lora_linear", "lora_linear_reference"]
+__all__ = ["kernel_choice", "use_triton", "lora_linear", "lora_linear_reference",
+           "lora_linear_merged", "lora_linear_merged_reference",
+           "linear_cross_entropy", "linear_cross_entropy_reference"]

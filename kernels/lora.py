@@ -19,7 +19,6 @@ Each projection keeps its own dropout mask, as separate calls would. The Triton 
 dropout seed from torch's CPU generator and rounds p to a multiple of 2^-16.
 """
 
-import torch
 import torch.nn.functional as F
 
 from .dispatch import kernel_choice, use_triton

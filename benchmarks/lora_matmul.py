@@ -1,0 +1,299 @@
+"""Time lowrank's fused LoRA matmul against the base GEMM and PEFT's unfused computation.
+
+    python -m benchmarks.lora_matmul                        # GPU: all Qwen2.5 shapes below, bf16
+    python -m benchmarks.lora_matmul --models 7B --m 8192 --r 16 --proj q k v   # a subset
+    python -m benchmarks.lora_matmul --quick                # tiny shapes, fp32 (default without a GPU)
+    python -m benchmarks.lora_matmul --roofline             # FLOPs, bytes, intensity: no timing
+    python -m benchmarks.lora_matmul --compile-only         # build every kernel/config for sm_90, no GPU
+
+Per projection of Qwen2.5-0.5B/1.5B/7B (q, k, v, o, gate, up, down), M tokens, rank r:
+  base     F.linear(x, W, bias), the frozen GEMM alone
+  peft     lora_linear_reference: base + scale * (dropout(x) @ A.T) @ B.T, as PEFT runs it
+  lowrank  lora_linear (the fused Triton kernels on a GPU, the torch reference elsewhere)
+each forward alone and forward + backward (grads of x, A, B; W frozen), with and without
+dropout; and q/k/v merged: lora_linear_merged against its one wide base GEMM, three separate
+lora_linear calls and three PEFT calls. Writes benchmarks/results/lora_matmul-<device>.json.
+Without a GPU the same table runs on the torch path at tiny sizes, so the script is exercised.
+"""
+
+import argparse
+import datetime
+import itertools
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowrank.kernels import lora_linear, lora_linear_merged, lora_linear_reference, use_triton
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = {  # Qwen2.5 config.json values; "tiny" is for --quick
+    "0.5B": dict(hidden=896, heads=14, kv_heads=2, head_dim=64, intermediate=4864),
+    "1.5B": dict(hidden=1536, heads=12, kv_heads=2, head_dim=128, intermediate=8960),
+    "7B": dict(hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944),
+    "tiny": dict(hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=384),
+}
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# H100 SXM datasheet: dense bf16 tensor-core peak and HBM3 bandwidth.
+H100_FLOPS, H100_BYTES_PER_S = 989e12, 3.35e12
+
+
+def projection_shapes(cfg: dict) -> dict:
+    """name -> (K in, N out, has bias): Qwen2 puts a bias on q, k and v only."""
+    h, q, kv, i = cfg["hidden"], cfg["heads"] * cfg["head_dim"], cfg["kv_heads"] * cfg["head_dim"], cfg["intermediate"]
+    return {"q": (h, q, True), "k": (h, kv, True), "v": (h, kv, True), "o": (q, h, False),
+            "gate": (h, i, False), "up": (h, i, False), "down": (i, h, False)}
+
+
+def flops(M, K, N, r, backward: bool, lora=True) -> float:
+    """Base 2MNK (forward) + 2MNK (dx; W is frozen); LoRA 2Mr(K+N) forward, 4Mr(K+N) backward."""
+    base = 2 * M * N * K * (2 if backward else 1)
+    return base + (2 * M * r * (K + N) * (3 if backward else 1) if lora else 0)
+
+
+def kernel_bytes(M, K, N, r, backward: bool, elt=2) -> float:
+    """HBM traffic of the fused kernels, each operand moved once per kernel that needs it:
+    x is read twice forward (xs pass, GEMM) and once more backward (dA); dy twice (dxs/dB pass,
+    dx GEMM); W once each way; the r-wide xs/dxs and A, B; dA, dB in fp32 (zeroed, cast).
+    The fp32 atomics into dA and dB stay in L2 and are not counted."""
+    fwd = elt * (2 * M * K + N * K + M * N + 2 * M * r + r * (K + N))
+    bwd = elt * (2 * M * N + N * K + 2 * M * K + 4 * M * r + 2 * r * (K + N)) + 4 * 2 * r * (K + N)
+    return fwd + (bwd if backward else 0)
+
+
+def roofline_table(m: int, r: int, ranks) -> str:
+    """Markdown: per projection (and q/k/v merged), fwd+bwd FLOPs and bytes at (m, r), the H100
+    floor, and the LoRA term's share of the fwd+bwd FLOPs at each rank."""
+    head = (f"| model | proj | K | N | GFLOP | MB | FLOP/B | H100 bound | floor (us) | "
+            + " | ".join(f"LoRA r={k}" for k in ranks) + " |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for model in ("0.5B", "1.5B", "7B"):
+        shapes = projection_shapes(MODELS[model])
+        rows = {proj: [(K, N)] for proj, (K, N, _) in shapes.items()}
+        rows["qkv merged"] = [shapes[p][:2] for p in ("q", "k", "v")]
+        for proj, segs in rows.items():
+            K, N = segs[0][0], sum(n for _, n in segs)
+            f = sum(flops(m, K, n, r, True) for _, n in segs)
+            b = kernel_bytes(m, K, N, r * len(segs), True)
+            bound = "compute" if f / H100_FLOPS > b / H100_BYTES_PER_S else "memory"
+            floor = max(f / H100_FLOPS, b / H100_BYTES_PER_S)
+            lora_share = [1 - flops(m, K, N, 0, True) / sum(flops(m, K, n, k, True) for _, n in segs) for k in ranks]
+            shares = " | ".join(f"{100 * share:.1f}%" for share in lora_share)
+            lines.append(f"| {model} | {proj} | {K} | {N} | {f / 1e9:.1f} | {b / 1e6:.0f} | {f / b:.0f} | {bound} "
+                         f"| {floor * 1e6:.0f} | {shares} |")
+    return "\n".join(lines)
+
+
+def timer(device: torch.device, reps: int):
+    """Median milliseconds of fn(): triton's do_bench on a GPU, perf_counter on the CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def cpu_time(fn):
+        fn()
+        samples = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(samples)
+
+    return cpu_time
+
+
+def make_inputs(M, K, widths, biases, r, dtype, device, seed=0):
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(M, K, generator=g, device=device).to(dtype).requires_grad_()
+    params = []
+    for n, bias in zip(widths, biases):
+        w = (torch.randn(n, K, generator=g, device=device) / K**0.5).to(dtype)
+        b = torch.randn(n, generator=g, device=device).to(dtype) if bias else None
+        a = (torch.randn(r, K, generator=g, device=device) / K**0.5).to(dtype).requires_grad_()
+        bb = (torch.randn(n, r, generator=g, device=device) / r**0.5).to(dtype).requires_grad_()
+        params.append((w, b, a, bb))
+    return x, params
+
+
+def step(outputs_fn, inputs, backward: bool):
+    """fn() running the forward, and the backward into `inputs` when asked."""
+    if not backward:
+        return outputs_fn
+
+    def run():
+        outs = outputs_fn()
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+
+    return run
+
+
+def bench_projection(t, model, proj, M, r, p, backward, dtype, device) -> dict:
+    K, N, has_bias = projection_shapes(MODELS[model])[proj]
+    x, [(w, b, a, bb)] = make_inputs(M, K, [N], [has_bias], r, dtype, device)
+    scale = 2.0
+    times = {
+        "base": t(step(lambda: F.linear(x, w, b), [x], backward)),
+        "peft": t(step(lambda: lora_linear_reference(x, w, b, a, bb, scale, p), [x, a, bb], backward)),
+        "lowrank": t(step(lambda: lora_linear(x, w, b, a, bb, scale, p), [x, a, bb], backward)),
+    }
+    return dict(model=model, proj=proj, M=M, K=K, N=N, r=r, dropout=p, backward=backward,
+                flops=flops(M, K, N, r, backward), base_flops=flops(M, K, N, r, backward, lora=False),
+                ms=times)
+
+
+def bench_merged_qkv(t, model, M, r, p, backward, dtype, device) -> dict:
+    shapes = projection_shapes(MODELS[model])
+    K = shapes["q"][0]
+    widths = [shapes[n][1] for n in ("q", "k", "v")]
+    x, params = make_inputs(M, K, widths, [True] * 3, r, dtype, device)
+    ws, bs, As, Bs = (list(z) for z in zip(*params))
+    w_cat, b_cat = torch.cat(ws), torch.cat(bs)
+    lora_params = [x] + As + Bs
+    scales = [2.0] * 3
+    times = {
+        "base": t(step(lambda: F.linear(x, w_cat, b_cat), [x], backward)),
+        "peft": t(step(lambda: [lora_linear_reference(x, *pr, 2.0, p) for pr in params], lora_params, backward)),
+        "lowrank_separate": t(step(lambda: [lora_linear(x, *pr, 2.0, p) for pr in params], lora_params, backward)),
+        "lowrank": t(step(lambda: lora_linear_merged(x, ws, bs, As, Bs, scales, p), lora_params, backward)),
+    }
+    N = sum(widths)
+    return dict(model=model, proj="qkv", M=M, K=K, N=N, r=r, dropout=p, backward=backward,
+                flops=sum(flops(M, K, n, r, backward) for n in widths),
+                base_flops=flops(M, K, N, r, backward, lora=False), ms=times)
+
+
+def print_row(row):
+    ms = row["ms"]
+    tflops = row["flops"] / (ms["lowrank"] * 1e-3) / 1e12
+    extra = f" sep {ms['lowrank_separate']:8.3f}" if "lowrank_separate" in ms else " " * 13
+    print(f"{row['model']:>5} {row['proj']:>4} {row['M']:>6} {row['r']:>3} {row['dropout']:>4} "
+          f"{'f+b' if row['backward'] else 'fwd':>3} | base {ms['base']:8.3f} peft {ms['peft']:8.3f} "
+          f"lowrank {ms['lowrank']:8.3f}{extra} | {tflops:7.3g} TFLOP/s | peft/base {ms['peft'] / ms['base']:5.2f} "
+          f"lowrank/base {ms['lowrank'] / ms['base']:5.2f} peft/lowrank {ms['peft'] / ms['lowrank']:5.2f}",
+          flush=True)
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def run(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    quick = args.quick or device.type == "cpu"
+    models = args.models or (["tiny"] if quick else ["0.5B", "1.5B", "7B"])
+    ms_list = args.m or ([64, 256] if quick else [4096, 8192, 16384])
+    ranks = args.r or ([8] if quick else [8, 16, 64])
+    dtype = torch.float32 if quick else torch.bfloat16  # bf16 matmuls on a CPU measure nothing useful
+    t = timer(device, reps=args.reps)
+    rows = []
+    path = "triton" if use_triton(torch.empty(0, device=device)) else "torch reference"
+    print(f"device {device_slug(device)}, {dtype}, lowrank = {path}, times in ms (median)")
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # tiny matmuls: more threads only add scheduling noise
+    try:
+        for model, M, r, p, backward in itertools.product(models, ms_list, ranks, (0.0, 0.1), (False, True)):
+            for proj in args.proj or PROJECTIONS:
+                rows.append(bench_projection(t, model, proj, M, r, p, backward, dtype, device))
+                print_row(rows[-1])
+            rows.append(bench_merged_qkv(t, model, M, r, p, backward, dtype, device))
+            print_row(rows[-1])
+    finally:
+        torch.set_num_threads(threads)
+    return {"date": str(datetime.date.today()), "device": device_slug(device), "torch": torch.__version__,
+            "dtype": str(dtype).removeprefix("torch."), "quick": quick, "lowrank_path": path,
+            "note": "ms = median time; flops count the LoRA term, base_flops the GEMM alone", "rows": rows}
+
+
+def compile_check() -> bool:
+    """Compile every kernel and autotune config for sm_90 without a GPU, at the largest tiles
+    (q/k/v merged, r = 128): catches what the interpreter cannot (types, layouts, shared memory).
+    Arguments get the specialisations a launch on Qwen shapes would give them: 16-divisible
+    pointers and sizes, and x's unit stride as a constant."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lowrank.kernels import lora_merged as lm
+
+    if not hasattr(lm._fwd_kernel, "params"):
+        raise SystemExit("TRITON_INTERPRET=1 is set: unset it to compile")
+    nseg, r_pad, smem_limit = 3, 128, 232448  # H100: 227 KB of shared memory per block
+    aligned = {"M", "K", "R_TOTAL", "N_TOTAL", "stride_xm", "n_sizes", "M_BUCKET"}
+
+    def signature(fn):
+        sig, attrs = {}, {}
+        for i, param in enumerate(fn.params):
+            name = param.name
+            if param.is_constexpr or name == "stride_xk":
+                sig[name] = "constexpr"
+                continue
+            if name.endswith("_ptrs"):
+                sig[name] = ("*fp32" if name in ("da_ptrs", "db_ptrs") else "*bf16",) * nseg
+            elif name in ("n_sizes", "r_sizes", "scales"):
+                sig[name] = ("fp32" if name == "scales" else "i32",) * nseg
+            else:
+                sig[name] = "*bf16" if name.endswith("_ptr") else "fp32" if name == "inv_keep" else "i32"
+            if isinstance(sig[name], tuple) and (name.endswith("_ptrs") or name in aligned):
+                attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(nseg)})
+            elif name.endswith("_ptr") or name in aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        return sig, attrs
+
+    small = lm.small_kernel_meta(True, r_pad)
+    warps = small.pop("num_warps")
+    common = dict(stride_xk=1, NSEG=nseg, R_PAD=r_pad, PRECISION="tf32", DROPOUT=True, HAS_BIAS=True)
+    jobs = [(lm._fwd_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_N", "BLOCK_K")]
+    jobs += [(lm._dx_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_K", "BLOCK_N")]
+    jobs += [(k, dict(small, SPLIT_M=4), warps, 3) for k in (lm._xs_kernel, lm._lora_bwd_kernel, lm._da_kernel)]
+    fits = True
+    for fn, meta, num_warps, num_stages in jobs:
+        sig, attrs = signature(fn)
+        consts = {k: v for k, v in {**common, **meta}.items() if k in sig}
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=num_warps, num_stages=num_stages))
+        fits &= out.metadata.shared <= smem_limit
+        print(f"{fn.__name__:>16} {meta} warps={num_warps} stages={num_stages}: "
+              f"{out.metadata.shared / 1024:.0f} KB shared{'' if out.metadata.shared <= smem_limit else ' TOO BIG'}",
+              flush=True)
+    return fits
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes on the CPU torch path")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS))
+    ap.add_argument("--m", nargs="+", type=int, help="token counts M")
+    ap.add_argument("--r", nargs="+", type=int, help="LoRA ranks")
+    ap.add_argument("--proj", nargs="+", choices=PROJECTIONS)
+    ap.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
+    ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lora_matmul-<device>.json)")
+    ap.add_argument("--roofline", action="store_true", help="print the roofline table (first --m, --r) and exit")
+    ap.add_argument("--compile-only", action="store_true", help="compile the kernels for sm_90 and exit")
+    args = ap.parse_args(argv)
+    if args.roofline:
+        print(roofline_table((args.m or [8192])[0], (args.r or [16])[0], [8, 16, 64]))
+        return None
+    if args.compile_only:
+        if not compile_check():
+            raise SystemExit("a kernel does not fit an H100's shared memory")
+        return None
+    result = run(args)
+    out = args.out or RESULTS / f"lora_matmul-{result['device']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
