@@ -23,6 +23,26 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # Buffers some old checkpoints carry that lowrank recomputes instead.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+# Kept in fp32 whatever dtype the model loads in, as transformers does: DeepSeek-V3's router
+# bias decides expert choice by small differences that bf16 would erase.
+_KEEP_FP32 = re.compile(r".*e_score_correction_bias$")
+
+
+def _skipped(key: str, cfg) -> bool:
+    """Tensors lowrank does not model: recomputed buffers, the copy of a tied head, and
+    DeepSeek-V3's multi-token-prediction layers (numbered past num_hidden_layers)."""
+    if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+        return True
+    if cfg.hf.get("num_nextn_predict_layers"):
+        m = re.match(r"model\.layers\.(\d+)\.", key)
+        return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
+    return False
+
+
+def _cast(key: str, t: torch.Tensor, dtype) -> torch.Tensor:
+    if dtype is None or not t.is_floating_point() or _KEEP_FP32.match(key):
+        return t
+    return t.to(dtype)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -122,7 +142,7 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.
         header, start = read_header(f)
         with open(f, "rb") as fh:
             for key, (t_dtype, shape, begin, end) in header.items():
-                if _IGNORED.match(key) or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+                if _skipped(key, cfg):
                     continue
                 if key not in expected:
                     raise CheckpointError(f"{f}: unexpected tensor {key!r} for a {cfg.model_type} model")
@@ -132,18 +152,15 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.
                     raise CheckpointError(
                         f"{f}: tensor {key!r} has shape {shape}, the config implies {list(expected[key].shape)}"
                     )
-                t = read_tensor(fh, start, t_dtype, shape, begin, end)
-                if dtype is not None and t.is_floating_point():
-                    t = t.to(dtype)
-                state[key] = t.to(device)
+                state[key] = _cast(key, read_tensor(fh, start, t_dtype, shape, begin, end), dtype).to(device)
     missing = [k for k in expected if k not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(map(repr, missing[:3]))}{more}")
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    dtypes = {t.dtype for k, t in state.items() if t.is_floating_point() and not _KEEP_FP32.match(k)}
     if len(dtypes) > 1:  # mixed storage: settle on the config's dtype, else the widest
         target = cfg.dtype if cfg.dtype in dtypes else max(dtypes, key=lambda d: torch.finfo(d).bits)
-        state = {k: t.to(target) if t.is_floating_point() else t for k, t in state.items()}
+        state = {k: _cast(k, t, target) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model
@@ -185,10 +202,7 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
         )
     tensors = {}
     for k in expected:
-        t = state[k].detach()
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        tensors[k] = t.to("cpu").contiguous()
+        tensors[k] = _cast(k, state[k].detach(), dtype).to("cpu").contiguous()
     limit = _shard_bytes(max_shard_size)
     shards: list[dict] = [{}]
     size = 0

@@ -80,7 +80,9 @@ class ModelConfig:
         return d
 
 
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                 "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                 "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def _to_4x_layout(hf: dict) -> dict:
@@ -221,8 +223,13 @@ def _llama(r):
     return _llama_like(r, "llama")
 
 
-# One function per family; DeepSeek's MLA / MoE families add theirs beside their model.
-FAMILIES = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama}
+# The MoE / MLA families' builders live beside their models. Imported here, after the helpers
+# they use: importing lowrank.models imports this module.
+from .models.moe_config import deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe  # noqa: E402
+
+# One function per family.
+FAMILIES = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
+            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3}
 
 
 def config_from_dict(d: dict, source: str = "config.json") -> ModelConfig:

@@ -137,6 +137,10 @@ def apply_prefix(model, config: PrefixConfig) -> PrefixEncoder:
     if has_prefix(model):
         raise ConfigError("the model already has a prefix: call remove_prefix(model) before applying another")
     cfg = model.config
+    if not hasattr(cfg, "num_key_value_heads"):
+        # MLA (DeepSeek-V2 / V3) caches a compressed latent, not per-head keys and values.
+        raise ConfigError(f"prefix tuning needs per-head keys and values; {cfg.model_type} uses multi-head "
+                          "latent attention: use LoRA instead")
     hidden = None
     if config.projection:
         hidden = config.projection_hidden or cfg.num_key_value_heads * cfg.head_dim

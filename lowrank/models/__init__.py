@@ -2,9 +2,13 @@
 
 from ..config import ModelConfig
 from .decoder import CausalLM, KVCache
+from .deepseek import DeepseekForCausalLM
+from .qwen_moe import QwenMoeForCausalLM
 
-# model_type -> module class; DeepSeek's MLA / MoE families add theirs beside their model.
-MODELS = {"qwen2": CausalLM, "qwen3": CausalLM, "llama": CausalLM}
+# model_type -> module class
+MODELS = {"qwen2": CausalLM, "qwen3": CausalLM, "llama": CausalLM,
+          "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
+          "deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
 
 
 def build_model(cfg: ModelConfig):
