@@ -8,7 +8,6 @@ never remote code. Saving writes each file under a temporary name and renames it
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from safetensors.torch import save_file
 
 from .config import read_config
 from .errors import CheckpointError, LowrankError
+from .files import write_atomic
 from .models import build_model
 
 SINGLE = "model.safetensors"
@@ -177,12 +177,6 @@ def _shard_bytes(size) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> Path:
     """Write `model` as a Hugging Face folder that transformers' from_pretrained loads.
 
@@ -216,20 +210,20 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
     folder.mkdir(parents=True, exist_ok=True)
     saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
     config = model.config.to_hf_dict(dtype=saved_dtype)
-    _write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     meta = {"format": "pt"}
     if len(shards) == 1:
         names = [SINGLE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
-        _write_atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
+        write_atomic(folder / name, lambda p, s=shard: save_file(s, str(p), metadata=meta))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
             "weight_map": {k: name for name, shard in zip(names, shards) for k in shard},
         }
-        _write_atomic(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
+        write_atomic(folder / INDEX, lambda p: p.write_text(json.dumps(index, indent=2) + "\n"))
     # Weights from an earlier save in another layout would shadow or confuse the new ones.
     for old in folder.glob("model*.safetensors*"):
         if old.name not in names and old.name != (INDEX if len(shards) > 1 else None):

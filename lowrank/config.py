@@ -9,13 +9,13 @@ read; lowrank writes the 4.x layout back, since every version of transformers re
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .files import read_json_object
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -244,10 +244,5 @@ def read_config(folder: str | Path) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json in the model folder")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    d = read_json_object(path)
     return config_from_dict(d, str(path))

@@ -16,7 +16,6 @@ Prefix tuning is converted by `prefix.py`; this file only dispatches to it.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -25,8 +24,10 @@ from safetensors.torch import save_file
 
 from ..checkpoint import read_header, read_tensor
 from ..errors import CheckpointError, ConfigError
+from ..files import read_json_object, write_atomic
 from .lora import (LoraConfig, apply_lora, lora_biases, lora_modules, resolve_modules_to_save,
                    resolve_targets)
+from .prefix import has_prefix, load_prefix_from_peft, prefix_to_peft
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -46,14 +47,12 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Pat
     name and renamed. Freeze and full fine-tunes have no adapter: save them with save_model.
     """
     folder = Path(path)
-    has_lora, has_pfx = bool(lora_modules(model)), _has_prefix(model)
+    has_lora, has_pfx = bool(lora_modules(model)), has_prefix(model)
     if has_lora and has_pfx:
         raise ConfigError("save_adapter: the model holds both LoRA layers and a prefix; a PEFT folder holds one")
     if has_lora:
         config, tensors = lora_to_peft(model)
     elif has_pfx:
-        from .prefix import prefix_to_peft
-
         config, tensors = prefix_to_peft(model)
     else:
         raise ConfigError("save_adapter: the model holds no adapter (LoRA or prefix); a freeze or full "
@@ -67,8 +66,8 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Pat
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     # Weights first: a folder with a config is taken as complete.
-    _write_atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _write_atomic(folder / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    write_atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomic(folder / CONFIG, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return folder
 
 
@@ -88,8 +87,6 @@ def load_adapter(model, path):
     tensors = _read_tensors(folder)
     if kind == "LORA":
         return load_lora_from_peft(model, config, tensors, folder)
-    from .prefix import load_prefix_from_peft
-
     load_prefix_from_peft(model, config, tensors, folder)
     return model
 
@@ -258,13 +255,7 @@ def _read_config(folder: Path) -> dict:
         model_folder = (folder / "config.json").is_file()
         hint = " (this looks like a full model: load it with lowrank.load_model)" if model_folder else ""
         raise CheckpointError(f"{folder}: no {CONFIG}{hint}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
+    return read_json_object(path)
 
 
 def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -277,22 +268,6 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     header, start = read_header(path)
     with open(path, "rb") as f:
         return {k: read_tensor(f, start, *info) for k, info in header.items()}
-
-
-def _write_atomic(path: Path, write):
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _has_prefix(model) -> bool:
-    try:
-        from .prefix import has_prefix
-    except ModuleNotFoundError as e:  # prefix.py not there yet: no model can hold a prefix
-        if e.name == f"{__package__}.prefix":
-            return False
-        raise
-    return has_prefix(model)
 
 
 def _warn_if_vllm_refuses(config: dict, folder: Path):

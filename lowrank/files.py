@@ -1,0 +1,29 @@
+"""The two file operations every folder lowrank reads or writes goes through."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import CheckpointError
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`; CheckpointError naming the file if it is not one."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it into place, so a
+    crash mid-write never leaves a half-written file under the real name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
