@@ -45,3 +45,4 @@ from .adapters import (  # noqa: E402
     trainable_summary,
 )
 from .adapters.prefix import PrefixConfig, apply_prefix, fold_prefix, remove_prefix  # noqa: E402
+from .training import TrainConfig, finetune  # noqa: E402

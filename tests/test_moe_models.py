@@ -508,3 +508,29 @@ def test_prefix_is_refused_on_latent_attention(checkpoint):
         apply_prefix(model, PrefixConfig(num_virtual_tokens=3))
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_training_loss_adds_the_router_loss_token_weighted(checkpoint):
+    """The loop's loss with aux_loss_coef: LM loss sum + coef * load-balancing loss * trained
+    tokens, so dividing by the step's tokens averages the router loss like the LM loss."""
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
+
+    from lowrank.training import causal_lm_loss
+
+    folder, hf = checkpoint("qwen2-moe")
+    model = lowrank.load_model(folder)
+    ids = _ids(B=2, T=9, seed=8)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        plain_sum, count = causal_lm_loss(model, batch)
+        model.config.aux_loss_coef = 0.02
+        with_aux, count2 = causal_lm_loss(model, batch)
+        ref_lm = torch.nn.functional.cross_entropy(hf(ids).logits[:, :-1].reshape(-1, VOCAB).double(),
+                                                   labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        router = hf(ids, output_router_logits=True).router_logits
+    assert int(count) == int(count2) == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(plain_sum.double(), ref_lm, atol=1e-4, rtol=1e-6)
+    aux = 0.02 * load_balancing_loss_func(router, 8, 2, None)
+    torch.testing.assert_close(with_aux.double(), ref_lm + aux.double() * int(count), atol=1e-4, rtol=1e-6)

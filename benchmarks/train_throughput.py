@@ -1,0 +1,240 @@
+"""LoRA training throughput and peak memory: lowrank's loop against transformers + peft.
+
+    python -m benchmarks.train_throughput [--steps N] [--only NAME] [--variants lowrank,peft]
+
+Both train the same random checkpoint (written once with lowrank.save_model, read by both) on the
+same batches: LoRA r=8, alpha=16, no dropout, on all seven projections; AdamW; gradient clipping
+at 1.0; every token trained, or (the "-sft" workload) only the second half of each row, the answer
+of SFT data whose prompt is masked. lowrank runs its own loop (lowrank.training.build_run + train_step,
+fused LM-head loss; "lowrank-plain" is the same loop on full logits); transformers + peft run the
+usual `model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`. On the CPU in fp32; on
+a GPU with bf16 weights for the frozen base and bf16 autocast, as each library's own recipe does.
+
+Each variant runs in a fresh process (this file run as a script, so the repository root is not on
+sys.path: there transformers would import the top-level kernels/ folder as the PyPI `kernels`).
+Peak memory is the process's VmHWM on the CPU (not ru_maxrss, which Linux carries over from the
+parent) and torch.cuda.max_memory_allocated on a GPU. Results go to
+benchmarks/results/train_throughput-{cpu,cuda}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN2_H512 = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True)
+# masked: the share of each row that is prompt (label -100), as in SFT data; 0 trains every token.
+WORKLOADS = {
+    "cpu": [
+        dict(name="qwen2-h512-l8-v32k", batch=4, seq=256, masked=0.0, warmup=1, steps=4, config=QWEN2_H512,
+             variants=("lowrank", "lowrank-plain", "peft")),
+        dict(name="qwen2-h512-l8-v32k-sft", batch=4, seq=256, masked=0.5, warmup=1, steps=4, config=QWEN2_H512,
+             variants=("lowrank", "peft")),
+        dict(name="qwen2.5-0.5b-4-layers", batch=2, seq=1024, masked=0.0, warmup=1, steps=2,
+             config=dict(QWEN25_05B, num_hidden_layers=4), variants=("lowrank", "peft")),
+    ],
+    "cuda": [
+        dict(name="qwen2.5-0.5b", batch=8, seq=1024, masked=0.0, warmup=3, steps=10, config=QWEN25_05B,
+             variants=("lowrank", "lowrank-plain", "peft")),
+        dict(name="qwen2.5-1.5b", batch=4, seq=1024, masked=0.0, warmup=3, steps=10, config=QWEN25_15B,
+             variants=("lowrank", "lowrank-plain", "peft")),
+    ],
+}
+VARIANTS = ("lowrank", "lowrank-plain", "peft")
+
+
+# ---- the parent: build the checkpoint and data, run each variant, compare --------------------
+
+def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
+    import torch
+
+    from lowrank.checkpoint import save_model
+    from lowrank.config import config_from_dict
+    from lowrank.models import build_model
+    from lowrank.quickstart import init_weights_
+
+    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=4096,
+              rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", use_sliding_window=False,
+              torch_dtype="float32", **w["config"])
+    torch.manual_seed(0)
+    model = build_model(config_from_dict(hf))
+    init_weights_(model)
+    save_model(model, folder / "model")
+    g = torch.Generator().manual_seed(1)
+    n = w["batch"] * (w["warmup"] + w["steps"])
+    ids = torch.randint(0, hf["vocab_size"], (n, w["seq"]), generator=g).tolist()
+    prompt = int(w["masked"] * w["seq"])
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": row, "labels": [-100] * prompt + row[prompt:]}) + "\n"
+                            for row in ids))
+    return folder / "model", data
+
+
+def run_variant(variant: str, model: Path, data: Path, w: dict, device: str, cwd: str, threads: int | None) -> dict:
+    args = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(model), str(data),
+            json.dumps({k: w[k] for k in ("batch", "seq", "warmup", "steps")}), device]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--only", help="run only the workload with this name")
+    ap.add_argument("--steps", type=int, help="timed steps per variant (default: per workload)")
+    ap.add_argument("--threads", type=int, help="torch threads per worker (default: torch's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run each variant this many times, alternating, and keep its fastest run: on a shared "
+                         "machine other processes only ever slow a run down (default: 1)")
+    ap.add_argument("--variants", help="comma list of " + ", ".join(VARIANTS) + " (default: per workload)")
+    args = ap.parse_args()
+    if args.worker:
+        variant, model, data, shape, device = args.worker
+        print(json.dumps(worker(variant, model, data, json.loads(shape), device)))
+        return
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for w in WORKLOADS[device]:
+        if args.only and w["name"] != args.only:
+            continue
+        w = dict(w, steps=args.steps or w["steps"])
+        with tempfile.TemporaryDirectory() as tmp:
+            model, data = make_workload(Path(tmp), w)
+            row = {"workload": w["name"], "batch": w["batch"], "seq": w["seq"], "masked": w["masked"],
+                   "steps": w["steps"], "config": w["config"], "variants": {}}
+            variants = args.variants.split(",") if args.variants else w["variants"]
+            for _ in range(args.repeats):
+                for variant in variants:
+                    r = run_variant(variant, model, data, w, device, tmp, args.threads)
+                    print(f"{w['name']:24s} {variant:14s} {_fmt(r)}", flush=True)
+                    best = row["variants"].get(variant)
+                    if best is None or r.get("tokens_per_s", 0) > best.get("tokens_per_s", 0):
+                        row["variants"][variant] = r
+        results.append(row)
+    print()
+    for row in results:
+        v = row["variants"]
+        if "tokens_per_s" in v.get("lowrank", {}) and "tokens_per_s" in v.get("peft", {}):
+            speed = v["lowrank"]["tokens_per_s"] / v["peft"]["tokens_per_s"]
+            mem = v["lowrank"]["peak_mem_mb"] / v["peft"]["peak_mem_mb"]
+            row["lowrank_over_peft"] = {"tokens_per_s": speed, "peak_mem": mem}
+            print(f"{row['workload']}: lowrank / transformers+peft: {speed:.2f}x tokens/s, {mem:.2f}x peak memory")
+    out = Path(__file__).resolve().parent / "results" / f"train_throughput-{device}.json"
+    out.parent.mkdir(exist_ok=True)
+    machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
+    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": machine,
+                               "threads": args.threads or torch.get_num_threads(), "repeats": args.repeats,
+                               "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _fmt(r: dict) -> str:
+    if "error" in r:
+        return f"failed: {r['error']}"
+    return (f"{r['tokens_per_s']:9.0f} tokens/s   peak {r['peak_mem_mb']:7.0f} MB   "
+            f"(after load {r['loaded_mem_mb']:6.0f} MB)   first loss {r['losses'][0]:.4f}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- a worker: one variant in its own process -------------------------------------------------
+
+def peak_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def worker(variant: str, model: str, data: str, shape: dict, device: str) -> dict:
+    import torch
+
+    steps, warmup = shape["steps"], shape["warmup"]
+    tokens = shape["batch"] * shape["seq"]
+    losses, times = [], []
+    if variant.startswith("lowrank"):
+        from lowrank.training import TrainConfig, build_run, epoch_batches, step_share, train_step
+
+        cfg = TrainConfig(model=model, data=data, output=str(Path(data).parent / "unused"), method="lora", r=8,
+                          alpha=16.0, dropout=0.0, target_modules=PROJECTIONS, batch_size=shape["batch"],
+                          max_len=shape["seq"], shuffle=False, lr=1e-4, lr_scheduler="constant",
+                          max_steps=warmup + steps, max_grad_norm=1.0, device=device, dtype="auto",
+                          loss="plain" if variant == "lowrank-plain" else "fused", progress=False)
+        run = build_run(cfg)
+        loaded = peak_mb(device)
+        batches = epoch_batches(run, 0)
+
+        def step(s):
+            return train_step(run, step_share(run, batches, s), s)["loss"]
+    else:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+        hf.train()
+        loaded = peak_mb(device)
+        params = [p for p in hf.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        rows = [json.loads(line) for line in open(data)]
+
+        def step(s):
+            batch = rows[s * shape["batch"]:(s + 1) * shape["batch"]]
+            ids = torch.tensor([r["input_ids"] for r in batch], device=device)
+            labels = torch.tensor([r["labels"] for r in batch], device=device)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = hf(input_ids=ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.item()
+
+    for s in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        losses.append(step(s))  # .item() inside: the step has finished
+        if s >= warmup:
+            times.append(time.perf_counter() - t0)
+    # The median step: this machine is shared, and one slow step says more about it than about the code.
+    return {"tokens_per_s": tokens / statistics.median(times), "step_s": times, "peak_mem_mb": peak_mb(device),
+            "loaded_mem_mb": loaded, "losses": losses}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The settings of a training run: one dataclass, read from TOML, checked before anything runs.
+
+Every field carries its help text; the command line (`python -m lowrank.train`) makes one flag per
+field from them (`lora_dropout` -> `--lora-dropout`), and a TOML file (`--config run.toml`) uses
+the field names as keys. Precedence: the defaults here < the TOML file < flags. The run writes the
+resolved settings to `run.toml` in its output folder, which `--config` reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+from .schedule import SCHEDULES
+
+METHODS = ("lora", "prefix", "freeze", "full")
+# Learning rates that suit each method when none is given (LoRA and P-tuning v2 papers, common SFT practice).
+DEFAULT_LR = {"lora": 2e-4, "prefix": 1e-2, "freeze": 2e-5, "full": 1e-5}
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOSSES = ("fused", "plain")
+
+
+def _f(default, help: str, group: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "group": group, **kw})
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---- what to train on what
+    model: str = _f("", "Hugging Face-format model folder (config.json + safetensors)", "run", required=True)
+    data: str = _f("", "training data: JSON or JSONL records (alpaca, messages, sharegpt, or input_ids)", "run",
+                   required=True)
+    output: str = _f("", "output folder: adapter/, checkpoints/, metrics.jsonl, run.toml", "run", required=True)
+    method: str = _f("lora", f"fine-tuning method: {', '.join(METHODS)}", "run", choices=METHODS)
+    tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", "run")
+    chat_template: str | None = _f(None, "chat template: 'chatml', 'deepseek' or a Jinja source (default: the tokenizer's)",
+                                   "run")
+    # ---- LoRA
+    # --lora-r: under torchrun, `--r` is taken as an abbreviation of torchrun's own --rdzv-* / --role flags.
+    r: int = _f(8, "LoRA rank (--lora-r is the same flag; use it under torchrun)", "lora", aliases=("lora_r",))
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)", "lora")
+    dropout: float = _f(0.05, "LoRA dropout on the adapter's input", "lora")
+    target_modules: list = _f(ALL_PROJECTIONS, "module names that get LoRA (names or comma lists; 'all-linear': "
+                              "every linear layer of the decoder layers)", "lora")
+    use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha / sqrt(r)", "lora")
+    init_adapter: str | None = _f(None, "start LoRA from this PEFT-format adapter; its config sets r, alpha, targets",
+                                  "lora")
+    # ---- prefix tuning / P-tuning v2
+    num_virtual_tokens: int = _f(20, "prefix length (virtual tokens per layer)", "prefix")
+    prefix_projection: bool = _f(False, "train the prefixes through PEFT's two-layer MLP (P-tuning v2)", "prefix")
+    # ---- freeze
+    trainable_layers: int = _f(2, "freeze: train the last N decoder layers (N < 0: the first |N|), freeze the rest",
+                               "freeze")
+    trainable_modules: list | None = _f(None, "freeze: train only these parts of those layers (mlp, self_attn, ...) "
+                                        "and these modules outside them (lm_head, embed_tokens, norm)", "freeze")
+    # ---- data and batches
+    max_len: int = _f(1024, "tokens per example (longer ones are cut); the packed row length with --packing", "data")
+    batch_size: int = _f(4, "examples (rows with --packing) per micro-batch, per process", "data")
+    grad_accum: int = _f(1, "micro-batches per optimizer step, per process", "data")
+    packing: bool = _f(False, "pack several examples into rows of max_len tokens", "data")
+    shuffle: bool = _f(True, "shuffle the examples each epoch (--no-shuffle keeps the file order)", "data")
+    group_by_length: bool = _f(False, "batch examples of similar length together (less padding)", "data")
+    train_on: str = _f("all_turns", "which assistant turns to train: all_turns or last_turn", "data")
+    system: str | None = _f(None, "system prompt for records that carry none", "data")
+    replacements: dict = _f({}, "text replacements: {{KEY}} in the data becomes VALUE (flag: --replace KEY=VALUE)",
+                            "data", flag="replace")
+    eval_data: str | None = _f(None, "evaluation file (same formats as --data)", "data")
+    eval_split: float = _f(0.0, "hold out this fraction of --data for evaluation (when no --eval-data)", "data")
+    eval_every: int = _f(0, "evaluate every N steps (0: at the end only); needs eval data", "data")
+    # ---- optimization
+    lr: float | None = _f(None, "peak learning rate (default by method: " +
+                          ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")
+    lr_scheduler: str = _f("cosine", f"learning-rate schedule: {', '.join(SCHEDULES)}", "optim", choices=SCHEDULES)
+    warmup_steps: int = _f(0, "linear warmup steps", "optim")
+    warmup_ratio: float = _f(0.0, "warmup as a fraction of the run (when --warmup-steps is 0)", "optim")
+    min_lr: float = _f(0.0, "the learning rate linear and cosine decay to", "optim")
+    weight_decay: float = _f(0.0, "AdamW weight decay (matrices only; not biases, norms or vectors)", "optim")
+    max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", "optim")
+    epochs: int = _f(3, "passes over the data (when --max-steps is 0)", "optim")
+    max_steps: int = _f(0, "optimizer steps to run, cycling the data as needed (0: use --epochs)", "optim")
+    seed: int = _f(0, "seed of the adapter init, the data order and dropout", "optim")
+    aux_loss_coef: float = _f(0.0, "MoE models: weight of the router load-balancing loss (0: off, as usual "
+                              "for fine-tuning)", "optim")
+    # ---- runtime
+    dtype: str = _f("auto", "compute precision: auto (bf16 autocast on GPU, fp16 + loss scaling where bf16 is "
+                    "missing, fp32 on CPU), float32, bfloat16, float16", "runtime", choices=DTYPES)
+    device: str = _f("auto", "auto, cpu or cuda (under torchrun: one GPU per process)", "runtime",
+                     choices=("auto", "cpu", "cuda"))
+    gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)", "runtime")
+    loss: str = _f("fused", "fused: LM head + cross-entropy without the logits; plain: full logits", "runtime",
+                   choices=LOSSES)
+    save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)", "runtime")
+    keep_checkpoints: int = _f(3, "keep the newest K checkpoints (0: keep all)", "runtime")
+    resume: bool = _f(False, "continue from the newest checkpoint in the output folder", "runtime")
+    progress: bool = _f(True, "show a progress bar", "runtime")
+
+    def resolved_lr(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def check_config(cfg: TrainConfig) -> TrainConfig:
+    """Refuse impossible settings with a ConfigError naming the setting; returns cfg."""
+    def bad(name, expected):
+        raise ConfigError(f"{name}={getattr(cfg, name)!r}: expected {expected}")
+
+    for name in ("model", "data", "output"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{name} is required (--{name} or `{name} = ...` in the config file)")
+    for name, f in FIELDS.items():
+        if "choices" in f.metadata and getattr(cfg, name) not in f.metadata["choices"]:
+            bad(name, f"one of {', '.join(f.metadata['choices'])}")
+    if cfg.train_on not in ("all_turns", "last_turn"):
+        bad("train_on", "all_turns or last_turn")
+    positive = ("r", "num_virtual_tokens", "max_len", "batch_size", "grad_accum")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            bad(name, "an integer >= 1")
+    for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 0:
+            bad(name, "an integer >= 0")
+    if cfg.max_len < 2:
+        bad("max_len", "at least 2 (one token predicts the next)")
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        raise ConfigError("epochs=0 and max_steps=0: nothing to train; set one of them")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        bad("lr", "a positive number")
+    for name in ("alpha", "min_lr", "weight_decay", "max_grad_norm", "aux_loss_coef"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            bad(name, "a number >= 0")
+    if cfg.min_lr > cfg.resolved_lr():
+        raise ConfigError(f"min_lr={cfg.min_lr} is above lr={cfg.resolved_lr()}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        bad("dropout", "a probability in [0, 1)")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        bad("warmup_ratio", "a fraction in [0, 1)")
+    if not 0.0 <= cfg.eval_split < 1.0:
+        bad("eval_split", "a fraction in [0, 1)")
+    if cfg.eval_data and cfg.eval_split:
+        raise ConfigError("eval_data and eval_split both given: use one evaluation source")
+    if not cfg.target_modules or not all(isinstance(m, str) and m for m in cfg.target_modules):
+        bad("target_modules", "a non-empty list of module names")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.replacements.items()):
+        bad("replacements", "a table of strings")
+    if cfg.init_adapter and cfg.method != "lora":
+        raise ConfigError(f"init_adapter is for method='lora', not {cfg.method!r}")
+    return cfg
+
+
+# ---- TOML -------------------------------------------------------------------------------------
+
+def read_toml(path) -> dict:
+    """The settings of a TOML file as {field: value}, type-checked; unknown keys are errors."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    out = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"{path}: unknown key {key!r}; see `python -m lowrank.train --help`")
+        try:
+            out[name] = coerce(name, value)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return out
+
+
+def coerce(name: str, value):
+    """`value` as field `name` holds it (int -> float where a float is wanted); ConfigError if it cannot be."""
+    kind = FIELDS[name].type
+    base = kind.split(" | ")[0]
+    if value is None and "None" in kind:
+        return None
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if base == "str" and isinstance(value, str):
+        return value
+    if base == "list":
+        items = value.split(",") if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return [v.strip() for v in items if v.strip()]
+    if base == "dict" and isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"key {name!r} = {value!r}: expected {kind}")
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """The settings as TOML that read_toml reads back (None values are left out)."""
+    lines, tables = [], []
+    for name in FIELDS:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            tables.append(f"\n[{name}]\n" + "".join(f"{_toml_str(k)} = {_toml_str(v)}\n" for k, v in value.items()))
+        else:
+            lines.append(f"{name} = {_toml_value(value)}\n")
+    return "".join(lines) + "".join(tables)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return _toml_str(value)
+
+
+def _toml_str(s: str) -> str:
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    escaped = "".join(c if ord(c) >= 0x20 and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped)
+    return f'"{escaped}"'

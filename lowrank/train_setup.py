@@ -1,0 +1,107 @@
+"""What a training run loads before its first step: the tokenizer, the examples, the model
+with its method applied, and the compute precision. Used by lowrank.training.build_run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .batching import pack
+from .data import load_dataset
+from .errors import CheckpointError, ConfigError, DataError
+from .train_config import TrainConfig
+
+
+def apply_method(model, cfg: TrainConfig) -> None:
+    """Make the parameters of `cfg.method` trainable and freeze the rest."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif cfg.method == "lora":
+        from .adapters.lora import LoraConfig, apply_lora
+        from .adapters.peft_format import load_adapter
+
+        if cfg.init_adapter:
+            load_adapter(model, cfg.init_adapter)  # its config sets r, alpha and targets; weights stay trainable
+        else:
+            targets = cfg.target_modules
+            # "all-linear" (every linear layer of the decoder layers) is LoraConfig's own keyword.
+            targets = targets[0] if targets == ["all-linear"] else list(targets)
+            apply_lora(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
+                                         use_rslora=cfg.use_rslora))
+    elif cfg.method == "prefix":
+        from .adapters.prefix import PrefixConfig, apply_prefix
+
+        apply_prefix(model, PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.prefix_projection))
+    elif cfg.method == "freeze":
+        from .adapters.freeze import FreezeConfig, apply_freeze
+
+        apply_freeze(model, FreezeConfig(trainable_layers=cfg.trainable_layers,
+                                         trainable_modules=cfg.trainable_modules))
+
+
+def autocast_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a `dtype` setting on `device`; None runs in fp32 without autocast."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
+
+
+class _VocabOnly:
+    """Stands in for a tokenizer when the model folder has none: enough for pre-tokenized data."""
+
+    pad_token_id = None
+
+    def __init__(self, vocab_size: int, folder: str):
+        self.vocab_size, self.folder = vocab_size, folder
+
+    def __len__(self):
+        return self.vocab_size
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise DataError(f"a text record needs a tokenizer, and {self.folder} has none (give --tokenizer, or "
+                        "pre-tokenized records with input_ids)")
+
+
+def load_tokenizer_for(cfg: TrainConfig):
+    """The tokenizer of --tokenizer or the model folder; a vocabulary-size stand-in when the model
+    folder has no tokenizer files (enough for pre-tokenized data)."""
+    from .config import read_config
+    from .tokenizer import load_tokenizer
+
+    folder = Path(cfg.tokenizer or cfg.model)
+    if not Path(cfg.model).is_dir():
+        raise CheckpointError(f"{cfg.model}: no such model folder")
+    names = ("tokenizer.json", "vocab.json", "tokenizer.model")
+    if cfg.tokenizer is None and not any((folder / n).is_file() for n in names):
+        return _VocabOnly(read_config(cfg.model).vocab_size, str(folder))
+    return load_tokenizer(folder, chat_template=cfg.chat_template)
+
+
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
+    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system)
+    train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
+    if cfg.eval_data:
+        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
+    if not cfg.eval_split:
+        return train, []
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = max(1, round(cfg.eval_split * len(train)))
+    if n_eval >= len(train):
+        raise ConfigError(f"eval_split={cfg.eval_split} leaves no training example of {len(train)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+
+
+def pack_rows(examples: list[dict], cfg: TrainConfig) -> list[list[int]]:
+    """Example indices of each packed row, packed once per run in a seeded order (see epoch_batches)."""
+    order = list(range(len(examples)))
+    if cfg.shuffle:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [[order[i] for i in row] for row in pack([examples[i] for i in order], cfg.max_len)]
+

@@ -1,0 +1,457 @@
+"""The training loop: `finetune(TrainConfig(...))`, and the pieces it is made of for research scripts.
+
+Read top to bottom:
+
+1. `build_run(config)` loads the tokenizer, the data and the model, applies the method (LoRA,
+   prefix, freeze, full) and builds AdamW over the trainable parameters. Nothing is written yet,
+   so a bad model folder, data file or setting fails before the output folder exists.
+2. `epoch_batches(run, epoch)` are the epoch's micro-batches, the same on every process;
+   `step_share(run, batches, k)` is this process's part of optimizer step k of the epoch.
+3. `train_step(run, micro_batches, step)` is one optimizer step.
+4. `finetune(config)` runs the steps with metrics, evaluation, checkpoints and resume, then
+   saves the adapter (or the whole model for freeze / full).
+
+The loss of a step is normalised by tokens, not micro-batches: each micro-batch contributes its
+summed token loss, and the step divides once by the trained tokens of all its micro-batches on
+all processes (counted and all-reduced before the backward passes):
+
+    loss_step = sum_k loss_sum_k / n_step,   n_step = sum over micro-batches and ranks of trained tokens
+
+Randomness: every step reseeds torch from (seed, step, rank), so dropout depends on the step
+number alone and a resumed run draws exactly what the uninterrupted one drew; the data order of
+epoch e is a permutation seeded by seed + e.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist
+from .batching import collate_packed, make_batches
+from .checkpoint import load_model, save_model
+from .errors import ConfigError, LowrankError
+from .files import write_atomic
+from .kernels import linear_cross_entropy
+from .loss import IGNORE_INDEX, count_trainable_tokens, masked_cross_entropy
+from .schedule import lr_at, warmup_steps_for
+from .train_config import TrainConfig, check_config, to_toml
+from .train_setup import apply_method, autocast_dtype_for, load_examples, load_tokenizer_for, pack_rows
+from .train_state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+                          trainable_state, truncate_metrics)
+
+__all__ = ["TrainConfig", "Run", "TrainResult", "NonFiniteLossError", "finetune", "build_run", "epoch_batches",
+           "step_share", "train_step", "evaluate", "causal_lm_loss", "save_trained"]
+
+
+class NonFiniteLossError(LowrankError):
+    """The loss or the gradient became inf / NaN: the run stopped, its last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything the steps need; build_run makes it, research scripts may change any part."""
+
+    config: TrainConfig
+    model: torch.nn.Module  # the lowrank model, adapters applied
+    tokenizer: object
+    train_examples: list[dict]
+    eval_examples: list[dict]
+    loss_module: torch.nn.Module  # LossModule(model), wrapped for data parallelism when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
+    dist: dist.DistInfo
+    pad_id: int
+    packed_rows: list[list[int]] | None  # with packing: the example indices of each row
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    adapter: Path  # the PEFT adapter folder, or the whole model for freeze / full
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step, of this process's run (after a resume: from there)
+    eval_loss: float | None = None
+    tokens_per_s: float = 0.0
+    peak_mem_mb: float = 0.0
+    model: torch.nn.Module | None = None
+    tokenizer: object = None
+
+
+# ---- 1. model, data, optimizer --------------------------------------------------------------------
+
+def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
+    """Load and set up everything for `config`; writes nothing."""
+    cfg = check_config(config)
+    info = info or dist.DistInfo(device=dist.pick_device(cfg.device))
+    autocast_dtype = autocast_dtype_for(cfg.dtype, info.device)
+    tokenizer = load_tokenizer_for(cfg)
+    train, evals = load_examples(cfg, tokenizer)  # before the model: bad data fails in seconds
+    # Frozen weights are kept in the compute dtype (half the memory under bf16); trained ones in fp32.
+    frozen_dtype = autocast_dtype if autocast_dtype is not None and cfg.method != "full" else torch.float32
+    model = load_model(cfg.model, dtype=frozen_dtype, device=info.device)
+    torch.manual_seed(cfg.seed)  # the adapter's initial weights
+    apply_method(model, cfg)
+    trainable = list(trainable_state(model).values())
+    if not trainable:
+        raise ConfigError(f"method={cfg.method!r} left no parameter to train")
+    for p in trainable:
+        p.data = p.data.float()
+    model.model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.aux_loss_coef > 0:
+        if not hasattr(model.config, "aux_loss_coef"):
+            raise ConfigError(f"aux_loss_coef={cfg.aux_loss_coef}: {model.config.model_type} has no router "
+                              "(the load-balancing loss is for MoE models)")
+        model.config.aux_loss_coef = cfg.aux_loss_coef
+    model.train()
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    packed_rows = pack_rows(train, cfg) if cfg.packing else None
+    n_micro = math.ceil((len(packed_rows) if cfg.packing else len(train)) / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_micro / (cfg.grad_accum * info.world_size))
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    warmup = warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio)
+
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.resolved_lr(), betas=(0.9, 0.999),
+                                  eps=1e-8)
+    scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
+    loss_module = dist.wrap(LossModule(model, fused=cfg.loss == "fused"), info)
+    return Run(cfg, model, tokenizer, train, evals, loss_module, optimizer, scaler, autocast_dtype, info, pad_id,
+               packed_rows, steps_per_epoch, total, warmup)
+
+
+# ---- the loss -------------------------------------------------------------------------------------
+
+def causal_lm_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss, trained tokens) of a batch; labels are aligned with input_ids and shifted here.
+
+    fused: the LM head and cross-entropy in one chunked op on the hidden states (no [B, T, V]
+    logits); otherwise full logits and lowrank.loss.masked_cross_entropy.
+    """
+    hidden = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+    if not fused:
+        loss_sum, count = masked_cross_entropy(model.lm_head(hidden), batch["labels"])
+    else:
+        # Position t predicts labels[t + 1]; the last position predicts nothing.
+        targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+        weight = model.lm_head.weight
+        # The op computes in fp32 itself; autocast would recast its matmuls to half precision.
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss_sum, count = linear_cross_entropy(hidden.to(weight.dtype), weight, targets, bias=model.lm_head.bias)
+    # MoE with aux_loss_coef > 0: the router loss of this forward, weighted by the batch's trained
+    # tokens so that the step's division by its token count averages it like the LM loss.
+    aux = getattr(model.model, "aux_loss", None)
+    if aux is not None:
+        loss_sum = loss_sum + aux * count
+    return loss_sum, count
+
+
+class LossModule(torch.nn.Module):
+    """`causal_lm_loss` as a module, the unit DistributedDataParallel wraps."""
+
+    def __init__(self, model, fused: bool = True):
+        super().__init__()
+        self.model, self.fused = model, fused
+
+    def forward(self, batch):
+        return causal_lm_loss(self.model, batch, self.fused)
+
+
+# ---- 2. batches -----------------------------------------------------------------------------------
+
+def epoch_batches(run: Run, epoch: int) -> list[dict]:
+    """The micro-batches of one epoch over all processes, in order (every process builds the same list).
+
+    Packed rows are formed once per run and only their order changes by epoch: packing a fresh
+    order each epoch would change the number of rows, hence of steps, from epoch to epoch.
+    """
+    cfg = run.config
+    if not cfg.packing:
+        return make_batches(run.train_examples, cfg.batch_size, run.pad_id, seed=cfg.seed + epoch,
+                            shuffle=cfg.shuffle, group_by_length=cfg.group_by_length)
+    rows = [[run.train_examples[i] for i in row] for row in run.packed_rows]
+    if cfg.shuffle:
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))]
+    return [collate_packed(rows[i:i + cfg.batch_size], run.pad_id, cfg.max_len)
+            for i in range(0, len(rows), cfg.batch_size)]
+
+
+def step_share(run: Run, batches: list[dict], k: int) -> list[dict]:
+    """This process's micro-batches of step k of the epoch.
+
+    Step k takes the next grad_accum * world_size micro-batches; rank r takes every world_size-th
+    of them from the r-th on. One process with grad_accum * world_size micro-batches per step
+    therefore sees the same micro-batches as world_size processes with grad_accum each. A rank left
+    without one (a short last step) gets a copy with no trained token, so it still joins the
+    gradient all-reduce while adding nothing.
+    """
+    per_step = run.config.grad_accum * run.dist.world_size
+    mine = batches[k * per_step:(k + 1) * per_step][run.dist.rank::run.dist.world_size]
+    if not mine:
+        mine = [dict(batches[k * per_step], labels=torch.full_like(batches[k * per_step]["labels"], IGNORE_INDEX))]
+    return mine
+
+
+# ---- 3. one optimizer step ------------------------------------------------------------------------
+
+def train_step(run: Run, micro_batches: list[dict], step: int) -> dict:
+    """Optimizer step `step` (0-based) over this process's micro-batches; returns its metrics
+    (loss, lr, grad_norm, tokens, trained_tokens) for the whole step over all processes."""
+    cfg, info = run.config, run.dist
+    torch.manual_seed((cfg.seed * 1_000_003 + step * 4099 + info.rank) % 2**63)
+    lr = lr_at(step, run.total_steps, cfg.resolved_lr(), cfg.lr_scheduler, run.warmup, cfg.min_lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+
+    # Tokens of the data: step_share's stand-in batch (no trained label) reads none.
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches if (b["labels"] != IGNORE_INDEX).any())
+    counts = torch.tensor([count_trainable_tokens(micro_batches), tokens], dtype=torch.float64)
+    trained, tokens = dist.all_reduce_sum(counts.to(run.device), info).tolist()
+    # DDP averages gradients over ranks: scale so the average is sum(loss) / trained tokens of the step.
+    scale = info.world_size / max(trained, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for i, batch in enumerate(micro_batches):
+        batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
+        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1), _autocast(run):
+            part, _ = run.loss_module(batch)
+            loss = part * scale
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        loss_sum += part.detach().double()
+    loss = dist.all_reduce_sum(loss_sum, info).item() / max(trained, 1.0)
+
+    params = [p for group in run.optimizer.param_groups for p in group["params"]]
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf")))
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and run.scaler is None):
+        run.optimizer.zero_grad(set_to_none=True)
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        raise NonFiniteLossError(f"step {step + 1}: {what}; stopped before the update "
+                                 f"(lower --lr, or check the data)")
+    if run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "trained_tokens": int(trained)}
+
+
+def _autocast(run: Run):
+    if run.autocast_dtype is None:
+        return nullcontext()
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Token-weighted loss and perplexity over the eval examples (shared out across processes)."""
+    cfg, info = run.config, run.dist
+    batches = make_batches(run.eval_examples, cfg.batch_size, run.pad_id, shuffle=False, packing=cfg.packing,
+                           max_len=cfg.max_len)
+    totals = torch.zeros(2, dtype=torch.float64, device=run.device)
+    run.model.eval()
+    try:
+        for batch in batches[info.rank::info.world_size]:
+            batch = {key: value.to(run.device) for key, value in batch.items()}
+            with _autocast(run):
+                loss_sum, n = causal_lm_loss(run.model, batch, cfg.loss == "fused")
+            totals += torch.stack([loss_sum.double(), n.double()])
+    finally:
+        run.model.train()
+    loss_sum, n = dist.all_reduce_sum(totals, info).tolist()
+    loss = loss_sum / max(n, 1.0)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0))}
+
+
+# ---- 4. the whole run ------------------------------------------------------------------------------
+
+def finetune(config: TrainConfig) -> TrainResult:
+    """Train as `config` says, with checkpoints, metrics and resume; save the adapter. Under
+    torchrun, every process calls this and rank 0 writes."""
+    check_config(config)
+    info = dist.init_distributed(config.device)
+    try:
+        return _finetune(build_run(config, info))
+    finally:
+        dist.shutdown(info)
+
+
+def _finetune(run: Run) -> TrainResult:
+    cfg, info = run.config, run.dist
+    out = Path(cfg.output)
+    checkpoints = out / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None and not cfg.resume:
+        raise ConfigError(f"{out}: holds checkpoints of an earlier run; pass --resume to continue it "
+                          "or choose another output folder")
+    start = 0
+    if latest is not None:
+        state = load_checkpoint(latest, run.model, run.optimizer, expected=_fingerprint(run))
+        start = state["step"]
+        if run.scaler is not None and state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+
+    # Everything above only reads: bad settings or inputs fail before the output folder is touched.
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        # The settings as resolved, the method's default learning rate included.
+        text = to_toml(replace(cfg, lr=cfg.resolved_lr()))
+        write_atomic(out / "run.toml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        if start:
+            truncate_metrics(metrics_path, start)
+        else:
+            metrics_path.unlink(missing_ok=True)
+    dist.barrier(info)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
+               disable=not (info.is_main and cfg.progress))
+    log = open(metrics_path, "a", encoding="utf-8") if info.is_main else None
+    losses, evaluated, t_run, tokens_run = [], {}, time.perf_counter(), 0
+    batches, batches_epoch, step = None, None, start
+    try:
+        while step < run.total_steps:
+            epoch, k = divmod(step, run.steps_per_epoch)
+            if epoch != batches_epoch:
+                batches, batches_epoch = epoch_batches(run, epoch), epoch
+            t0 = time.perf_counter()
+            try:
+                row = train_step(run, step_share(run, batches, k), step)
+            except NonFiniteLossError as e:
+                kept = latest_checkpoint(checkpoints)
+                raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none yet'}") from None
+            seconds = time.perf_counter() - t0
+            step += 1
+            tokens_run += row["tokens"]
+            losses.append(row["loss"])
+            row = {"step": step, **row, "tokens_per_s": row["tokens"] / seconds,
+                   "peak_mem_mb": peak_mem_mb(run.device), "epoch": round(epoch + (k + 1) / run.steps_per_epoch, 4)}
+            _log(log, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if run.eval_examples and (step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                evaluated = evaluate(run)
+                _log(log, {"step": step, **evaluated})
+            if step == run.total_steps or (cfg.save_every and step % cfg.save_every == 0):
+                _save_checkpoint(run, checkpoints, step)
+    finally:
+        bar.close()
+        if log:
+            log.close()
+
+    adapter = out / "adapter"
+    if info.is_main:
+        save_trained(run, adapter)
+    dist.barrier(info)
+    seconds = time.perf_counter() - t_run
+    result = TrainResult(out, adapter, step, losses, evaluated.get("eval_loss"),
+                         tokens_run / seconds if losses else 0.0, peak_mem_mb(run.device), run.model, run.tokenizer)
+    if info.is_main:
+        print(_summary(result, start, seconds), flush=True)
+    return result
+
+
+def _fingerprint(run: Run) -> dict:
+    """What a resumed run must share with the checkpoint for its data position to mean the same batches."""
+    cfg = run.config
+    return {"method": cfg.method, "batch_size": cfg.batch_size, "micro_batches_per_step": cfg.grad_accum *
+            run.dist.world_size, "seed": cfg.seed, "shuffle": cfg.shuffle, "packing": cfg.packing,
+            "group_by_length": cfg.group_by_length, "max_len": cfg.max_len, "examples": len(run.train_examples),
+            "tokens": sum(len(e["input_ids"]) for e in run.train_examples)}
+
+
+def _save_checkpoint(run: Run, folder: Path, step: int) -> None:
+    if run.dist.is_main:
+        epoch, k = divmod(step, run.steps_per_epoch)
+        state = {"epoch": epoch, "step_in_epoch": k, "run": _fingerprint(run),
+                 "scaler": run.scaler.state_dict() if run.scaler is not None else None}
+        save_checkpoint(folder, step, run.model, run.optimizer, state)
+        prune_checkpoints(folder, run.config.keep_checkpoints)
+    dist.barrier(run.dist)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def save_trained(run: Run, folder) -> Path:
+    """The result: a PEFT adapter (lora, prefix), or a whole HF-format model with its tokenizer
+    (freeze, full), written beside `folder` and renamed into place."""
+    folder, cfg = Path(folder), run.config
+    if cfg.method in ("lora", "prefix"):
+        from .adapters.peft_format import save_adapter
+
+        # save_adapter writes each file under a temporary name and the config last.
+        return save_adapter(run.model, folder, base_model_name_or_path=cfg.model)
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    save_model(run.model, partial, dtype=run.model.config.dtype or torch.float32)
+    source = Path(cfg.tokenizer or cfg.model)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, partial / name)
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        partial.rename(folder)
+        shutil.rmtree(old)
+    else:
+        partial.rename(folder)
+    return folder
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA's allocator peak on GPU, the process's peak RSS (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; no /proc elsewhere
+
+
+def _log(file, row: dict) -> None:
+    if file is not None:
+        file.write(json.dumps(row) + "\n")
+        file.flush()
+
+
+def _summary(result: TrainResult, start: int, seconds: float) -> str:
+    if not result.losses:
+        return f"lowrank: nothing to train (the checkpoint is at step {result.steps}); saved {result.adapter}"
+    loss = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
+    if result.eval_loss is not None:
+        loss += f", eval loss {result.eval_loss:.4f} (ppl {math.exp(min(result.eval_loss, 700)):.2f})"
+    resumed = f" (resumed at step {start})" if start else ""
+    return (f"lowrank: {result.steps - start} steps{resumed} in {seconds:.1f} s, {loss}, "
+            f"{result.tokens_per_s:.0f} tokens/s, peak {result.peak_mem_mb:.0f} MB; saved {result.adapter}")

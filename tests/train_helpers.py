@@ -1,0 +1,72 @@
+"""Helpers shared by the training tests: tiny checkpoints, pre-tokenized data, CLI runs.
+
+Checkpoints are built with lowrank itself (no transformers import) from a real config shrunk by
+conftest.shrink; data is pre-tokenized JSONL over that tiny vocabulary, with a masked prompt
+of random length in every record, so micro-batches carry unequal numbers of trained tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from lowrank.checkpoint import save_model
+from lowrank.config import config_from_dict
+from lowrank.models import build_model
+from tests.conftest import ROOT, randomize_, real_config, shrink
+
+VOCAB = 257
+
+
+def tiny_model_dir(folder, name: str = "Qwen2.5-0.5B-Instruct", seed: int = 0, **overrides) -> Path:
+    """A random tiny checkpoint shaped like `name` (2 layers, vocab 257), saved with save_model."""
+    config = shrink(real_config(name))
+    config.update(overrides)
+    torch.manual_seed(seed)
+    model = randomize_(build_model(config_from_dict(config)), seed)
+    return save_model(model, folder)
+
+
+def write_pretokenized(path, n: int, seed: int = 0, min_len: int = 5, max_len: int = 23) -> Path:
+    """n records {"input_ids", "labels"}: random ids, the first 1..len-2 labels masked with -100."""
+    g = torch.Generator().manual_seed(seed)
+    lines = []
+    for _ in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        ids = torch.randint(0, VOCAB, (length,), generator=g).tolist()
+        prompt = int(torch.randint(1, length - 1, (1,), generator=g))
+        lines.append(json.dumps({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]}))
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_metrics(output) -> tuple[list[dict], list[dict]]:
+    """(training rows, eval rows) of an output folder's metrics.jsonl."""
+    rows = [json.loads(line) for line in (Path(output) / "metrics.jsonl").read_text().splitlines() if line]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def adapter_tensors(output) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output) / "adapter" / "adapter_model.safetensors"))
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env.pop("LOWRANK_CRASH_IN_CHECKPOINT", None) if "LOWRANK_CRASH_IN_CHECKPOINT" not in extra else None
+    return env
+
+
+def run_module(module: str, args: list[str], cwd, env: dict | None = None, launcher: list[str] | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` (or `launcher ... -m module args`) in cwd, outside the repository, so
+    the installed lowrank is the one imported."""
+    cmd = [sys.executable, *(launcher or []), "-m", module, *map(str, args)]
+    assert Path(cwd).resolve() != ROOT
+    return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
