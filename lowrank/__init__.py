@@ -46,3 +46,19 @@ from .adapters import (  # noqa: E402
 )
 from .adapters.prefix import PrefixConfig, apply_prefix, fold_prefix, remove_prefix  # noqa: E402
 from .training import TrainConfig, finetune  # noqa: E402
+
+__all__ = [
+    # errors
+    "LowrankError", "CheckpointError", "ConfigError", "DataError",
+    # models
+    "ModelConfig", "read_config", "build_model", "load_model", "save_model", "KVCache", "generate",
+    # tokenizers and data
+    "Tokenizer", "load_tokenizer", "render_chat", "DataReport", "load_dataset", "collate", "collate_packed",
+    "length_grouped_order", "make_batches", "pack", "count_trainable_tokens", "masked_cross_entropy",
+    # adapters
+    "LoraConfig", "apply_lora", "FreezeConfig", "apply_freeze", "PrefixConfig", "apply_prefix", "fold_prefix",
+    "remove_prefix", "save_adapter", "load_adapter", "merge_adapter", "merged", "trainable_parameters",
+    "trainable_summary",
+    # training
+    "TrainConfig", "finetune",
+]

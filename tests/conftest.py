@@ -115,3 +115,38 @@ def tiny_checkpoint(tmp_path):
         return folder, make_hf_checkpoint(folder, config, layout, max_shard_size, seed, dtype)
 
     return factory
+
+
+# ---- Triton kernels: on a GPU, or under the interpreter in a fresh process ---------------
+
+def triton_status(kernel_module: str, kernel_name: str) -> tuple[bool, bool]:
+    """(interpreted, runs_here) for a @triton.jit kernel: whether this process decorated it
+    under TRITON_INTERPRET=1, and whether Triton tests can run in this process at all."""
+    try:
+        import importlib
+
+        from triton.runtime.interpreter import InterpretedFunction
+
+        kernel = getattr(importlib.import_module(kernel_module), kernel_name)
+    except ImportError:
+        return False, False
+    interpreted = isinstance(kernel, InterpretedFunction)
+    return interpreted, interpreted or torch.cuda.is_available()
+
+
+def run_triton_tests_interpreted(test_file: str):
+    """Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when a kernel
+    module is first imported, and importing lowrank already did that in this process: so a
+    file's `test_triton_*` tests run in a fresh pytest with the variable set from the start.
+    Fails unless they all pass there (none skipped)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-k", "test_triton_", "-p", "no:cacheprovider"]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    report = run.stdout + run.stderr
+    assert run.returncode == 0, report
+    assert " passed" in report and "skipped" not in report, report

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ROOT, TOL
+from tests.conftest import ROOT, TOL, run_triton_tests_interpreted, triton_status
 
 # The module, not the function of the same name that lowrank.kernels exports.
 lce = importlib.import_module("lowrank.kernels.linear_cross_entropy")
@@ -22,14 +22,7 @@ lce = importlib.import_module("lowrank.kernels.linear_cross_entropy")
 N, H, V = 37, 24, 101
 IGNORE = -100
 
-try:
-    import triton  # noqa: F401
-    from triton.runtime.interpreter import InterpretedFunction
-
-    INTERPRETED = isinstance(lce._cross_entropy_grad_kernel, InterpretedFunction)
-    TRITON_RUNS = INTERPRETED or torch.cuda.is_available()
-except ImportError:
-    INTERPRETED = TRITON_RUNS = False
+INTERPRETED, TRITON_RUNS = triton_status("lowrank.kernels.linear_cross_entropy", "_cross_entropy_grad_kernel")
 DEVICE = "cuda" if TRITON_RUNS and not INTERPRETED else "cpu"
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNS, reason="no GPU: test_interpreter_subprocess runs these under TRITON_INTERPRET=1"
@@ -241,15 +234,6 @@ def test_triton_matches_full_logits(monkeypatch, dtype, train_weight):
 
 
 def test_interpreter_subprocess():
-    """Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when the kernel
-    module is first imported, and importing lowrank already did that here; so the Triton tests
-    run in a fresh interpreter with the variable set from the start."""
     if TRITON_RUNS:
         pytest.skip("the Triton tests ran in this process")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-p", "no:cacheprovider"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0, report
-    assert " passed" in report and "skipped" not in report, report
+    run_triton_tests_interpreted(__file__)

@@ -19,22 +19,15 @@ import pytest
 import torch
 
 from lowrank.kernels import lora_linear, lora_linear_merged
-from tests.conftest import ROOT, TOL
+from tests.conftest import ROOT, TOL, run_triton_tests_interpreted, triton_status
 
 lora = importlib.import_module("lowrank.kernels.lora")
 
 M, K, N = 37, 100, 70
 P_DROP = 0.25  # a multiple of 2^-16: the kernels' p_eff is exactly p
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    from lowrank.kernels import lora_merged
-
-    INTERPRETED = isinstance(lora_merged._fwd_kernel, InterpretedFunction)
-    TRITON_RUNS = INTERPRETED or torch.cuda.is_available()
-except ImportError:
-    INTERPRETED = TRITON_RUNS = False
+INTERPRETED, TRITON_RUNS = triton_status("lowrank.kernels.lora_merged", "_fwd_kernel")
+lora_merged = importlib.import_module("lowrank.kernels.lora_merged") if TRITON_RUNS else None
 DEVICE = "cuda" if TRITON_RUNS and not INTERPRETED else "cpu"
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNS, reason="no GPU: test_interpreter_subprocess runs these under TRITON_INTERPRET=1"
@@ -294,18 +287,9 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
 
 
 def test_interpreter_subprocess():
-    """Triton reads TRITON_INTERPRET when triton is first imported (its own tl.rand is a
-    @triton.jit function), and this process imported it already: so the Triton tests run in a
-    fresh interpreter with the variable set from the start."""
     if TRITON_RUNS:
         pytest.skip("the Triton tests ran in this process")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-k", "test_triton_", "-p", "no:cacheprovider"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0, report
-    assert " passed" in report and "skipped" not in report, report
+    run_triton_tests_interpreted(__file__)
 
 
 def test_benchmark_quick_mode_runs(tmp_path):
