@@ -179,25 +179,25 @@ def _alpaca_messages(record: dict) -> list[dict]:
                        {"role": "assistant", "content": _str_field(record, "output")}]
 
 
-def _chat_message(message, j: int) -> dict:
+def _checked(message, j: int, field: str, role_key: str, content_key: str, roles) -> tuple[str, str]:
+    """(role, content) of one message of a record's `field` list, or a DataError naming it."""
     if not isinstance(message, dict):
-        raise DataError(f"'messages'[{j}]: expected an object with 'role' and 'content', found {message!r}")
-    role, content = message.get("role"), message.get("content")
-    if role not in ROLES:
-        raise DataError(f"'messages'[{j}]: unknown role {role!r}; expected one of {ROLES}")
+        raise DataError(f"{field!r}[{j}]: expected an object with {role_key!r} and {content_key!r}, found {message!r}")
+    role, content = message.get(role_key), message.get(content_key)
+    if role not in roles:
+        raise DataError(f"{field!r}[{j}]: unknown role {role!r}; expected one of {tuple(roles)}")
     if not isinstance(content, str):
-        raise DataError(f"'messages'[{j}]: 'content' must be a string, found {type(content).__name__}")
+        raise DataError(f"{field!r}[{j}]: {content_key!r} must be a string, found {type(content).__name__}")
+    return role, content
+
+
+def _chat_message(message, j: int) -> dict:
+    _checked(message, j, "messages", "role", "content", ROLES)
     return dict(message)  # other keys (tool_calls, reasoning_content) are for the template
 
 
 def _sharegpt_message(message, j: int) -> dict:
-    if not isinstance(message, dict):
-        raise DataError(f"'conversations'[{j}]: expected an object with 'from' and 'value', found {message!r}")
-    role, content = message.get("from"), message.get("value")
-    if role not in SHAREGPT_ROLES:
-        raise DataError(f"'conversations'[{j}]: unknown role {role!r}; expected one of {tuple(SHAREGPT_ROLES)}")
-    if not isinstance(content, str):
-        raise DataError(f"'conversations'[{j}]: 'value' must be a string, found {type(content).__name__}")
+    role, content = _checked(message, j, "conversations", "from", "value", SHAREGPT_ROLES)
     return {"role": SHAREGPT_ROLES[role], "content": content}
 
 
