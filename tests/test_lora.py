@@ -357,3 +357,46 @@ def test_applying_twice_is_refused(tied):
             apply_lora(model, config)
     assert list(model.state_dict()) == list(state)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_qkv_and_gate_up_run_as_one_merged_call(untied, monkeypatch):
+    """apply_lora sets the model's qkv_fn / gate_up_fn hooks so q/k/v and gate/up go through one
+    lora_linear_merged call (one wide GEMM on a GPU); the result equals running each
+    projection alone, in training (same dropout masks) and in eval mode, and after a merge."""
+    import lowrank.adapters.lora as lora_mod
+
+    folder, _ = untied
+    config = LoraConfig(r=5, alpha=10, dropout=0.2, target_modules="all-linear")
+    model = randomize_adapter_(apply_lora(lowrank.load_model(folder), config))
+    calls = []
+    real = lora_mod.lora_linear_merged
+    monkeypatch.setattr(lora_mod, "lora_linear_merged", lambda x, ws, *a: calls.append(len(ws)) or real(x, ws, *a))
+    x = ids()
+    hooked = [m for m in model.modules() if getattr(m, "qkv_fn", None) or getattr(m, "gate_up_fn", None)]
+    assert len(hooked) == 2 * model.config.num_hidden_layers
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(11)
+        with torch.no_grad():
+            grouped = model(x)
+        for m in hooked:
+            m.qkv_fn = m.gate_up_fn = None  # each projection alone
+        torch.manual_seed(11)
+        with torch.no_grad():
+            alone = model(x)
+        for m in hooked:
+            m.qkv_fn = m.gate_up_fn = lora_mod.lora_group
+        torch.testing.assert_close(grouped, alone, **TOL[torch.float32])
+    assert calls == [3, 2] * model.config.num_hidden_layers * 2
+    # q and v adapted, k left plain: the group runs each projection as itself.
+    partial = randomize_adapter_(apply_lora(lowrank.load_model(folder), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])))
+    calls.clear()
+    with torch.no_grad():
+        partial(x)
+    assert calls == []
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    merge_adapter(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, **TOL[torch.float32])

@@ -7,6 +7,9 @@ keys come out in PEFT's form.
 
 Hooks for adapters, which wrap the model from outside:
 - every `nn.Linear` is a plain module that an adapter may replace;
+- `Attention.qkv_fn` / `MLP.gate_up_fn`: None, or `f(projections, x) -> outputs` called in
+  place of running each projection of the same input on its own (LoRA uses it to run q/k/v
+  and gate/up as one wide GEMM, since k or v alone is too narrow for a GPU);
 - `Attention.kv_prefix`: None, or an object with `num_tokens` and `__call__(batch_size)`
   returning key / value prefixes `[B, n_kv_heads, P, head_dim]` (P-tuning v2). The prefix is
   always visible, carries no rotation, and shifts every position (given or default) by P,
@@ -70,12 +73,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.kv_prefix = None
+        self.qkv_fn = None
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = self.qkv_fn(projections, x) if self.qkv_fn else (p(x) for p in projections)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -99,9 +105,12 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_fn = None
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        projections = (self.gate_proj, self.up_proj)
+        gate, up = self.gate_up_fn(projections, x) if self.gate_up_fn else (p(x) for p in projections)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
