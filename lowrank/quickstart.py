@@ -122,7 +122,7 @@ def train_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     from .data import read_records, record_to_messages
-    from .tokenizer import QWEN_SPLIT_PATTERN
+    from .tokenizer_backends import QWEN_SPLIT_PATTERN
 
     texts = [render_chat(CHATML_TEMPLATE, record_to_messages(r, REPLACEMENTS)) for r in read_records(DATA)]
     tok = Tokenizer(models.BPE())

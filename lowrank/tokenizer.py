@@ -20,18 +20,13 @@ attention and loss, so any real id works; lowrank takes, in order, the configure
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .chat_template import BUILTIN_TEMPLATES, render_chat
 from .errors import CheckpointError, ConfigError
+from .tokenizer_backends import SentencePieceBackend, TokenizersBackend
 
-# The split regex of Qwen2's pre-tokenizer, as in its tokenizer.json.
-QWEN_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")
 
@@ -53,7 +48,7 @@ class AddedTokenSpec:
 class Tokenizer:
     """A loaded tokenizer: ids in and out, named special tokens, and the model's chat template."""
 
-    backend: "_TokenizersBackend | _SentencePieceBackend"
+    backend: "TokenizersBackend | SentencePieceBackend"
     path: Path
     bos_token: str | None = None
     eos_token: str | None = None
@@ -160,11 +155,11 @@ def _read_json(file: Path):
 
 def _open_backend(folder: Path, config: dict):
     if (folder / "tokenizer.json").is_file():
-        return _TokenizersBackend.from_tokenizer_json(folder / "tokenizer.json")
+        return TokenizersBackend.from_tokenizer_json(folder / "tokenizer.json")
     if (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
-        return _TokenizersBackend.from_byte_level_bpe(folder, bool(config.get("add_prefix_space", False)))
+        return TokenizersBackend.from_byte_level_bpe(folder, bool(config.get("add_prefix_space", False)))
     if (folder / "tokenizer.model").is_file():
-        return _SentencePieceBackend(folder / "tokenizer.model")
+        return SentencePieceBackend(folder / "tokenizer.model")
     raise CheckpointError(
         f"{folder}: no tokenizer files; expected tokenizer.json, vocab.json + merges.txt, or tokenizer.model"
     )
@@ -178,7 +173,7 @@ def _named_tokens(config: dict, special_map: dict, backend) -> dict[str, AddedTo
         spec = _token_spec(config[key] if config.get(key) is not None else special_map.get(key))
         if spec is not None:
             named[key] = spec
-    if isinstance(backend, _SentencePieceBackend):
+    if isinstance(backend, SentencePieceBackend):
         sp = backend.sp
         for key, token_id in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id())):
             if key not in config and key not in named and token_id >= 0:
@@ -225,7 +220,7 @@ def _set_bos_eos(backend, config: dict, named: dict) -> None:
     """bos/eos added by encode(add_special_tokens=True): transformers rebuilds the post-processor
     from add_bos_token/add_eos_token when the config states them, or when tokenizer.json has none;
     otherwise tokenizer.json's own post-processor stands."""
-    if isinstance(backend, _SentencePieceBackend):
+    if isinstance(backend, SentencePieceBackend):
         # LlamaTokenizer's defaults for SentencePiece models.
         add_bos, add_eos = config.get("add_bos_token", True), config.get("add_eos_token", False)
     elif "add_bos_token" in config or "add_eos_token" in config or not backend.has_post_processor():
@@ -250,171 +245,3 @@ def _chat_template(folder: Path, config: dict, tok: Tokenizer, override: str | N
         elif tok.eos_token == "<｜end▁of▁sentence｜>":
             source = "deepseek"
     return BUILTIN_TEMPLATES.get(source, source)
-
-
-# ---- backends: one per file format, the same methods -----------------------------------
-
-class _TokenizersBackend:
-    """tokenizer.json, or Qwen's vocab.json + merges.txt rebuilt as the same pipeline."""
-
-    def __init__(self, tok):
-        self.tok = tok
-
-    @classmethod
-    def from_tokenizer_json(cls, file: Path) -> "_TokenizersBackend":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            return cls(HFTokenizer.from_file(str(file)))
-        except Exception as e:  # the Rust side raises plain Exception on any parse error
-            raise CheckpointError(f"{file}: cannot be read as a tokenizers file ({e})") from None
-
-    @classmethod
-    def from_byte_level_bpe(cls, folder: Path, add_prefix_space: bool) -> "_TokenizersBackend":
-        from tokenizers import Regex, decoders, normalizers, pre_tokenizers
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers.models import BPE
-
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise CheckpointError(
-                    f"{folder / name}: missing; a byte-level BPE folder needs vocab.json and merges.txt")
-        try:
-            bpe = BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"), dropout=None, unk_token=None,
-                                continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
-                                byte_fallback=False)
-        except Exception as e:
-            raise CheckpointError(f"{folder}: vocab.json / merges.txt cannot be read ({e})") from None
-        tok = HFTokenizer(bpe)
-        tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
-        ])
-        tok.decoder = decoders.ByteLevel()
-        return cls(tok)
-
-    def add_tokens(self, specs: list[AddedTokenSpec]) -> None:
-        from tokenizers import AddedToken
-
-        known = {t.content for t in self.tok.get_added_tokens_decoder().values()}
-        for spec in specs:
-            have = self.tok.token_to_id(spec.content)
-            token_id = have if have is not None else self.tok.get_vocab_size(with_added_tokens=True)
-            if spec.id is not None and spec.id != token_id:
-                raise CheckpointError(
-                    f"added token {spec.content!r}: the folder gives id {spec.id}, the vocabulary {token_id}")
-            if spec.content in known:
-                continue
-            token = AddedToken(spec.content, single_word=spec.single_word, lstrip=spec.lstrip, rstrip=spec.rstrip,
-                               normalized=spec.normalized, special=spec.special)
-            (self.tok.add_special_tokens if spec.special else self.tok.add_tokens)([token])
-
-    def has_post_processor(self) -> bool:
-        return self.tok.post_processor is not None
-
-    def set_bos_eos(self, bos: str | None, eos: str | None) -> None:
-        from tokenizers import processors
-
-        single = " ".join([f"{bos}:0"] * bool(bos) + ["$A:0"] + [f"{eos}:0"] * bool(eos))
-        pair = single + " " + " ".join([f"{bos}:1"] * bool(bos) + ["$B:1"] + [f"{eos}:1"] * bool(eos))
-        specials = [(t, self.tok.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
-        self.tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self.tok.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.tok.id_to_token(token_id)
-
-    def special_tokens(self) -> set[str]:
-        return {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
-
-    def size(self, with_added: bool) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=with_added)
-
-
-class _SentencePieceBackend:
-    """tokenizer.model. Added tokens are split out of the text first, as tokenizers does; each
-    piece of plain text between them is encoded by sentencepiece on its own (with its dummy
-    prefix, as transformers' legacy Llama tokenizer does)."""
-
-    def __init__(self, file: Path):
-        import sentencepiece as spm
-
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(file))
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot be read as a SentencePiece model ({e})") from None
-        self.added: dict[str, int] = {}
-        self.added_special: set[str] = set()
-        self.prefix: list[int] = []
-        self.suffix: list[int] = []
-        self._split = None
-
-    def add_tokens(self, specs: list[AddedTokenSpec]) -> None:
-        for spec in specs:
-            token_id = self.token_to_id(spec.content)
-            if token_id is None:
-                token_id = self.size(with_added=True)
-            if spec.id is not None and spec.id != token_id:
-                raise CheckpointError(
-                    f"added token {spec.content!r}: the folder gives id {spec.id}, the vocabulary {token_id}")
-            self.added[spec.content] = token_id
-            if spec.special:
-                self.added_special.add(spec.content)
-        # Longest first, so a token that contains another wins.
-        names = sorted(self.added, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
-
-    def set_bos_eos(self, bos: str | None, eos: str | None) -> None:
-        self.prefix = [self.token_to_id(bos)] if bos else []
-        self.suffix = [self.token_to_id(eos)] if eos else []
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        ids = []
-        for i, piece in enumerate(self._split.split(text) if self._split else [text]):
-            if i % 2:  # re.split puts the matched added tokens at odd positions
-                ids.append(self.added[piece])
-            elif piece:
-                ids += self.sp.encode(piece)
-        return self.prefix + ids + self.suffix if add_special_tokens else ids
-
-    def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
-        by_id = {i: t for t, i in self.added.items()}
-        out, run = [], []
-        for i in ids:
-            if i in by_id:
-                out.append(self.sp.decode(run))
-                run = []
-                if not (skip_special_tokens and by_id[i] in self.added_special):
-                    out.append(by_id[i])
-            elif not (skip_special_tokens and self.sp.is_control(i)):
-                run.append(i)
-        return "".join(out) + self.sp.decode(run)
-
-    def token_to_id(self, token: str) -> int | None:
-        if token in self.added:
-            return self.added[token]
-        token_id = self.sp.piece_to_id(token)
-        # sentencepiece answers the unk id for unknown pieces
-        return token_id if self.sp.id_to_piece(token_id) == token else None
-
-    def id_to_token(self, token_id: int) -> str | None:
-        for token, i in self.added.items():
-            if i == token_id:
-                return token
-        return self.sp.id_to_piece(token_id) if 0 <= token_id < self.sp.get_piece_size() else None
-
-    def special_tokens(self) -> set[str]:
-        return set(self.added_special)
-
-    def size(self, with_added: bool) -> int:
-        base = self.sp.get_piece_size()
-        return max([base] + [i + 1 for i in self.added.values()]) if with_added else base
