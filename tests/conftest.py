@@ -102,6 +102,21 @@ def make_hf_checkpoint(folder, config: dict, layout: str = "5.x", max_shard_size
     return model
 
 
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    """Qwen2.5-7B's structure (q/k/v biases, untied head), shrunk: (folder, transformers model),
+    built once per test module."""
+    folder = tmp_path_factory.mktemp("qwen-untied")
+    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-7B-Instruct")))
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """Qwen2.5-0.5B's structure (tied embeddings), shrunk: (folder, transformers model)."""
+    folder = tmp_path_factory.mktemp("qwen-tied")
+    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-0.5B-Instruct")))
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """factory(name, layout="5.x", max_shard_size=None, **config_overrides) -> (folder, hf_model)"""

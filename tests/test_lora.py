@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from tests.conftest import TOL, make_hf_checkpoint, real_config, shrink
+from tests.conftest import TOL
 
 import lowrank
 from lowrank import ConfigError
@@ -121,19 +121,6 @@ def test_dropout_is_unbiased():
 
 
 # ---- on a tiny model --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    """An untied Qwen2.5 (q/k/v biases) checkpoint and its transformers model."""
-    folder = tmp_path_factory.mktemp("qwen-untied")
-    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-7B-Instruct")))
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen-tied")
-    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-0.5B-Instruct")))
-
 
 def ids(seed=1, B=2, T=11):
     return torch.randint(0, 257, (B, T), generator=torch.Generator().manual_seed(seed))

@@ -24,19 +24,6 @@ peft = pytest.importorskip("peft")
 ATOL = 1e-4  # fp32 logits against transformers, as tests/test_models.py
 
 
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    """Qwen2.5-7B's structure (q/k/v biases, untied head), shrunk; (folder, transformers model)."""
-    folder = tmp_path_factory.mktemp("untied")
-    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-7B-Instruct")))
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tied")
-    return folder, make_hf_checkpoint(folder, shrink(real_config("Qwen2.5-0.5B-Instruct")))
-
-
 def ids(seed=1, B=2, T=9):
     return torch.randint(0, 257, (B, T), generator=torch.Generator().manual_seed(seed))
 
