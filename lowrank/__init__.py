@@ -7,18 +7,14 @@ from pathlib import Path as _Path
 # An installed lowrank maps the repository's top-level kernels/ to lowrank.kernels
 # (pyproject's package-dir). Running from a source checkout without installing, that
 # mapping is missing: register the sibling folder under the same name so both behave alike.
-try:
-    from . import kernels  # noqa: F401
-except ModuleNotFoundError as _e:
-    if _e.name != f"{__name__}.kernels":
-        raise
+if _ilu.find_spec(f"{__name__}.kernels") is None:
     _dir = _Path(__file__).resolve().parent.parent / "kernels"
     _spec = _ilu.spec_from_file_location(
         f"{__name__}.kernels", _dir / "__init__.py", submodule_search_locations=[str(_dir)]
     )
-    kernels = _ilu.module_from_spec(_spec)
-    _sys.modules[_spec.name] = kernels
-    _spec.loader.exec_module(kernels)
+    _sys.modules[_spec.name] = _ilu.module_from_spec(_spec)
+    _spec.loader.exec_module(_sys.modules[_spec.name])
+from . import kernels  # noqa: E402, F401
 
 from .errors import CheckpointError, ConfigError, DataError, LowrankError  # noqa: E402
 
