@@ -3,9 +3,10 @@
     python -m benchmarks.train_throughput [--steps N] [--only NAME] [--variants lowrank,peft]
 
 Both train the same random checkpoint (written once with lowrank.save_model, read by both) on the
-same batches: LoRA r=8, alpha=16, no dropout, on all seven projections; AdamW; gradient clipping
-at 1.0; every token trained, or (the "-sft" workload) only the second half of each row, the answer
-of SFT data whose prompt is masked. lowrank runs its own loop (lowrank.training.build_run + train_step,
+same batches: LoRA r=8 (or the workload's r), alpha=2r, no dropout, on all seven projections; AdamW;
+gradient clipping at 1.0; activation checkpointing where the workload says so; every token trained,
+or (the "-sft" workload) only the second half of each row, the answer of SFT data whose prompt is
+masked. lowrank runs its own loop (lowrank.training.build_run + train_step,
 fused LM-head loss; "lowrank-plain" is the same loop on full logits); transformers + peft run the
 usual `model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`. On the CPU in fp32; on
 a GPU with bf16 weights for the frozen base and bf16 autocast, as each library's own recipe does.
@@ -36,9 +37,13 @@ QWEN25_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
 QWEN2_H512 = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True)
 # masked: the share of each row that is prompt (label -100), as in SFT data; 0 trains every token.
+# r: the LoRA rank (default 8, alpha = 2r); checkpointing: recompute each layer in the backward;
+# dtype: the checkpoint's on disk (default float32).
 WORKLOADS = {
     "cpu": [
         dict(name="qwen2-h512-l8-v32k", batch=4, seq=256, masked=0.0, warmup=1, steps=4, config=QWEN2_H512,
@@ -53,12 +58,22 @@ WORKLOADS = {
              variants=("lowrank", "lowrank-plain", "peft")),
         dict(name="qwen2.5-1.5b", batch=4, seq=1024, masked=0.0, warmup=3, steps=10, config=QWEN25_15B,
              variants=("lowrank", "lowrank-plain", "peft")),
+        # Issue 7's target: lowrank fits this in <= 26 GB.
+        dict(name="qwen2.5-7b-r16-gc", batch=8, seq=2048, masked=0.0, warmup=1, steps=3, config=QWEN25_7B,
+             r=16, checkpointing=True, dtype="bfloat16", variants=("lowrank", "peft")),
     ],
 }
 VARIANTS = ("lowrank", "lowrank-plain", "peft")
 
 
 # ---- the parent: build the checkpoint and data, run each variant, compare --------------------
+
+def hf_config(shape: dict, dtype: str = "float32") -> dict:
+    """The transformers config.json of a Qwen2 model of `shape` (one of the dicts above)."""
+    return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=4096,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", use_sliding_window=False,
+                torch_dtype=dtype, **shape)
+
 
 def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
     import torch
@@ -68,13 +83,16 @@ def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
     from lowrank.models import build_model
     from lowrank.quickstart import init_weights_
 
-    hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=4096,
-              rms_norm_eps=1e-6, rope_theta=1000000.0, hidden_act="silu", use_sliding_window=False,
-              torch_dtype="float32", **w["config"])
+    dtype = w.get("dtype", "float32")
+    hf = hf_config(w["config"], dtype)
     torch.manual_seed(0)
-    model = build_model(config_from_dict(hf))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # a 7B init on the CPU takes minutes
+        model = build_model(config_from_dict(hf))
     init_weights_(model)
-    save_model(model, folder / "model")
+    save_model(model, folder / "model", dtype=getattr(torch, dtype))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # else this process keeps the init's memory while the workers run
     g = torch.Generator().manual_seed(1)
     n = w["batch"] * (w["warmup"] + w["steps"])
     ids = torch.randint(0, hf["vocab_size"], (n, w["seq"]), generator=g).tolist()
@@ -87,7 +105,8 @@ def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
 
 def run_variant(variant: str, model: Path, data: Path, w: dict, device: str, cwd: str, threads: int | None) -> dict:
     args = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(model), str(data),
-            json.dumps({k: w[k] for k in ("batch", "seq", "warmup", "steps")}), device]
+            json.dumps(dict({k: w[k] for k in ("batch", "seq", "warmup", "steps")}, r=w.get("r", 8),
+                       checkpointing=w.get("checkpointing", False))), device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -122,7 +141,8 @@ def main():
         with tempfile.TemporaryDirectory() as tmp:
             model, data = make_workload(Path(tmp), w)
             row = {"workload": w["name"], "batch": w["batch"], "seq": w["seq"], "masked": w["masked"],
-                   "steps": w["steps"], "config": w["config"], "variants": {}}
+                   "steps": w["steps"], "r": w.get("r", 8), "checkpointing": w.get("checkpointing", False),
+                   "config": w["config"], "variants": {}}
             variants = args.variants.split(",") if args.variants else w["variants"]
             for _ in range(args.repeats):
                 for variant in variants:
@@ -188,10 +208,12 @@ def worker(variant: str, model: str, data: str, shape: dict, device: str) -> dic
     if variant.startswith("lowrank"):
         from lowrank.training import TrainConfig, build_run, epoch_batches, step_share, train_step
 
-        cfg = TrainConfig(model=model, data=data, output=str(Path(data).parent / "unused"), method="lora", r=8,
-                          alpha=16.0, dropout=0.0, target_modules=PROJECTIONS, batch_size=shape["batch"],
+        cfg = TrainConfig(model=model, data=data, output=str(Path(data).parent / "unused"), method="lora",
+                          r=shape["r"], alpha=2.0 * shape["r"], dropout=0.0, target_modules=PROJECTIONS,
+                          batch_size=shape["batch"],
                           max_len=shape["seq"], shuffle=False, lr=1e-4, lr_scheduler="constant",
                           max_steps=warmup + steps, max_grad_norm=1.0, device=device, dtype="auto",
+                          gradient_checkpointing=shape["checkpointing"],
                           loss="plain" if variant == "lowrank-plain" else "fused", progress=False)
         run = build_run(cfg)
         loaded = peak_mb(device)
@@ -205,7 +227,10 @@ def worker(variant: str, model: str, data: str, shape: dict, device: str) -> dic
 
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
-        hf = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+        if shape["checkpointing"]:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf = get_peft_model(hf, LoraConfig(r=shape["r"], lora_alpha=2 * shape["r"], lora_dropout=0.0,
+                                           target_modules=PROJECTIONS))
         hf.train()
         loaded = peak_mb(device)
         params = [p for p in hf.parameters() if p.requires_grad]

@@ -49,6 +49,10 @@ _MAX_BLOCK_V = 32768
 _HAS_FP32_OUT_MM = "dtype" in torch.ops.aten.mm.overloads()
 
 
+def _fp32_out_gemm(t: torch.Tensor) -> bool:
+    return t.is_cuda and _HAS_FP32_OUT_MM
+
+
 if triton is not None:
 
     @triton.jit
@@ -154,7 +158,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
     V = weight.shape[0]
     compute = torch.promote_types(hidden.dtype, torch.float32)
     # Half inputs: cuBLAS emits fp32 logits directly; elsewhere keep one upcast copy of W.
-    half_gemm = hidden.dtype != compute and hidden.is_cuda and _HAS_FP32_OUT_MM
+    half_gemm = hidden.dtype != compute and _fp32_out_gemm(hidden)
     w = weight if half_gemm else weight.to(compute)
     b = None if bias is None else bias.to(compute)
     # The kernel computes in fp32; fp64 (a test dtype) takes the torch step.
