@@ -4,7 +4,8 @@
     python -m benchmarks.lora_matmul --models 7B --m 8192 --r 16 --proj q k v   # a subset
     python -m benchmarks.lora_matmul --quick                # tiny shapes, fp32 (default without a GPU)
     python -m benchmarks.lora_matmul --roofline             # FLOPs, bytes, intensity: no timing
-    python -m benchmarks.lora_matmul --compile-only         # build every kernel/config for sm_90, no GPU
+    python -m benchmarks.lora_matmul --compile-only         # build every kernel/config for sm_90, no GPU:
+                                                            # shared memory, registers, spills
 
 Per projection of Qwen2.5-0.5B/1.5B/7B (q, k, v, o, gate, up, down), M tokens, rank r:
   base     F.linear(x, W, bias), the frozen GEMM alone
@@ -213,9 +214,9 @@ def run(args) -> dict:
             "note": "ms = median time; flops count the LoRA term, base_flops the GEMM alone", "rows": rows}
 
 
-def compile_check() -> bool:
-    """Compile every kernel and autotune config for sm_90 without a GPU, at the largest tiles
-    (q/k/v merged, r = 128): catches what the interpreter cannot (types, layouts, shared memory).
+def compile_check(r_pad: int = 128, dropout: bool = True) -> bool:
+    """Compile every kernel and autotune config for sm_90 without a GPU, for q/k/v merged at rank
+    r_pad: catches what the interpreter cannot (types, layouts, shared memory, register spills).
     Arguments get the specialisations a launch on Qwen shapes would give them: 16-divisible
     pointers and sizes, and x's unit stride as a constant."""
     import triton
@@ -226,7 +227,7 @@ def compile_check() -> bool:
 
     if not hasattr(lm._fwd_kernel, "params"):
         raise SystemExit("TRITON_INTERPRET=1 is set: unset it to compile")
-    nseg, r_pad, smem_limit = 3, 128, 232448  # H100: 227 KB of shared memory per block
+    nseg, smem_limit = 3, 232448  # H100: 227 KB of shared memory per block
     aligned = {"M", "K", "R_TOTAL", "N_TOTAL", "stride_xm", "n_sizes", "M_BUCKET"}
 
     def signature(fn):
@@ -250,7 +251,7 @@ def compile_check() -> bool:
 
     small = lm.small_kernel_meta(True, r_pad)
     warps = small.pop("num_warps")
-    common = dict(stride_xk=1, NSEG=nseg, R_PAD=r_pad, PRECISION="tf32", DROPOUT=True, HAS_BIAS=True)
+    common = dict(stride_xk=1, NSEG=nseg, R_PAD=r_pad, PRECISION="tf32", DROPOUT=dropout, HAS_BIAS=True)
     jobs = [(lm._fwd_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_N", "BLOCK_K")]
     jobs += [(lm._dx_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_K", "BLOCK_N")]
     jobs += [(k, dict(small, SPLIT_M=4), warps, 3) for k in (lm._xs_kernel, lm._lora_bwd_kernel, lm._da_kernel)]
@@ -261,11 +262,32 @@ def compile_check() -> bool:
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                              options=dict(num_warps=num_warps, num_stages=num_stages))
-        fits &= out.metadata.shared <= smem_limit
+        regs, spilled = _ptxas_registers(out.asm["ptx"])
+        fits &= out.metadata.shared <= smem_limit  # spills are reported, not failed: the autotuner may avoid them
+        # Blocks resident per SM: 64K registers and 228 KB of shared memory (1 KB of it reserved per block).
+        blocks = min(65536 // (regs * 32 * num_warps), 233472 // (out.metadata.shared + 1024))
         print(f"{fn.__name__:>16} {meta} warps={num_warps} stages={num_stages}: "
-              f"{out.metadata.shared / 1024:.0f} KB shared{'' if out.metadata.shared <= smem_limit else ' TOO BIG'}",
+              f"{out.metadata.shared / 1024:.0f} KB shared{'' if out.metadata.shared <= smem_limit else ' TOO BIG'}, "
+              f"{regs} registers, {spilled} bytes spilled{' SPILLS' if spilled else ''}, {blocks} block(s)/SM",
               flush=True)
     return fits
+
+
+def _ptxas_registers(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) from ptxas -v on sm_90a, as triton assembles."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([get_ptxas(90).path, "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", str(src),
+                              "-o", str(Path(d) / "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return regs, int(spills.group(1)) + int(spills.group(2))
 
 
 def main(argv=None):
@@ -278,13 +300,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lora_matmul-<device>.json)")
     ap.add_argument("--roofline", action="store_true", help="print the roofline table (first --m, --r) and exit")
-    ap.add_argument("--compile-only", action="store_true", help="compile the kernels for sm_90 and exit")
+    ap.add_argument("--compile-only", action="store_true",
+                    help="compile the kernels for sm_90, report shared memory, registers and spills, and exit")
     args = ap.parse_args(argv)
     if args.roofline:
         print(roofline_table((args.m or [8192])[0], (args.r or [16])[0], [8, 16, 64]))
         return None
     if args.compile_only:
-        if not compile_check():
+        ok = True
+        for r_pad, dropout in ((16, False), (16, True), (128, True)):
+            print(f"q/k/v merged, bf16, r <= {r_pad}, dropout {'on' if dropout else 'off'}:")
+            ok &= compile_check(r_pad, dropout)
+        if not ok:
             raise SystemExit("a kernel does not fit an H100's shared memory")
         return None
     result = run(args)

@@ -289,7 +289,10 @@ def gemm_configs(out_block: str, red_block: str):
 
 
 _fwd_tuned = triton.autotune(gemm_configs("BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N_TOTAL", "K", "R_PAD"])(_fwd_kernel)
-_dx_tuned = triton.autotune(gemm_configs("BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N_TOTAL", "K", "R_PAD"])(_dx_kernel)
+# DROPOUT is in the dx key: the mask's Philox words make it another kernel, with other best tiles
+# (see --compile-only in benchmarks/lora_matmul.py: with dropout every config spills registers).
+_dx_tuned = triton.autotune(gemm_configs("BLOCK_K", "BLOCK_N"),
+                            key=["M_BUCKET", "N_TOTAL", "K", "R_PAD", "DROPOUT"])(_dx_kernel)
 
 # Under Triton's interpreter (CPU tensors) a launch costs per program, so small tiles, and
 # small enough that the odd test shapes cross tile edges; SPLIT_M > 1 exercises the dA atomics.
