@@ -198,6 +198,12 @@ def _lora_bwd_kernel(
         r_lo += r_sizes[s]
 
 
+@triton.jit
+def _halves(t, BLOCK_M: tl.constexpr, W: tl.constexpr):
+    """[BLOCK_M, W] -> its left and right [BLOCK_M, W / 2] column halves."""
+    return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, W // 2)), (0, 2, 1)))
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _dx_kernel(
     # pointers: dy [M, N_TOTAL], dxs [M, R_TOTAL], dx [M, K] (out); tuples of W_s [n_s, K], A_s [r_s, K]
@@ -224,20 +230,41 @@ def _dx_kernel(
                         mask=(offs_n[:, None] < n_sizes[s]) & (offs_k[None, :] < K), other=0.0)
             acc += tl.dot(dy, w, input_precision=PRECISION)
         col_lo += n_sizes[s]
-    r_lo = 0
-    for s in tl.static_range(NSEG):  # LoRA branch: went through dropout_s, so its gradient does too
-        dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
-                      mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
-        a = tl.load(a_ptrs[s] + offs_r[:, None] * K + offs_k[None, :],
-                    mask=(offs_r[:, None] < r_sizes[s]) & (offs_k[None, :] < K), other=0.0)
-        lora = tl.dot(dxs, a, input_precision=PRECISION)
-        if DROPOUT:
-            keep = _keep_mask(seed, offs_m, pid_k * BLOCK_K, K, threshold, s, BLOCK_K)
-            lora = tl.where(keep, lora * inv_keep, 0.0)
-        acc += lora
-        r_lo += r_sizes[s]
-    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+    if DROPOUT:
+        # The masked LoRA term a quarter of the tile's columns at a time: a whole-tile fp32 product
+        # and Philox mask beside the accumulator spilled registers in every config (ptxas, sm_90a);
+        # quarters keep the dot's N >= 16 for GPU tiles (BLOCK_K >= 64).
+        h0, h1 = _halves(acc, BLOCK_M, BLOCK_K)
+        q0, q1 = _halves(h0, BLOCK_M, BLOCK_K // 2)
+        q2, q3 = _halves(h1, BLOCK_M, BLOCK_K // 2)
+        quarters = (q0, q1, q2, q3)
+        for h in tl.static_range(4):
+            part = quarters[h]
+            k_lo = pid_k * BLOCK_K + h * (BLOCK_K // 4)
+            offs_kh = k_lo + tl.arange(0, BLOCK_K // 4)
+            r_lo = 0
+            for s in tl.static_range(NSEG):  # the LoRA branch went through dropout_s, so its gradient does too
+                dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
+                              mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
+                a = tl.load(a_ptrs[s] + offs_r[:, None] * K + offs_kh[None, :],
+                            mask=(offs_r[:, None] < r_sizes[s]) & (offs_kh[None, :] < K), other=0.0)
+                lora = tl.dot(dxs, a, input_precision=PRECISION)
+                keep = _keep_mask(seed, offs_m, k_lo, K, threshold, s, BLOCK_K // 4)
+                part += tl.where(keep, lora * inv_keep, 0.0)
+                r_lo += r_sizes[s]
+            tl.store(dx_ptr + offs_m[:, None] * K + offs_kh[None, :], part.to(dx_ptr.dtype.element_ty),
+                     mask=(offs_m[:, None] < M) & (offs_kh[None, :] < K))
+    else:
+        r_lo = 0
+        for s in tl.static_range(NSEG):
+            dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
+                          mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
+            a = tl.load(a_ptrs[s] + offs_r[:, None] * K + offs_k[None, :],
+                        mask=(offs_r[:, None] < r_sizes[s]) & (offs_k[None, :] < K), other=0.0)
+            acc = tl.dot(dxs, a, acc, input_precision=PRECISION)
+            r_lo += r_sizes[s]
+        tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
 @triton.jit(do_not_specialize=["seed"])
