@@ -163,9 +163,19 @@ def main():
     out = Path(__file__).resolve().parent / "results" / f"train_throughput-{device}.json"
     out.parent.mkdir(exist_ok=True)
     machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
-    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": machine,
-                               "threads": args.threads or torch.get_num_threads(), "repeats": args.repeats,
-                               "torch": torch.__version__, "results": results}, indent=2) + "\n")
+    for row in results:
+        row.update(date=date.today().isoformat(), threads=args.threads or torch.get_num_threads(),
+                   repeats=args.repeats, torch=torch.__version__)
+    # One file per machine: a run of some workloads (--only, as a time-limited GPU session must)
+    # replaces their rows and keeps the others'.
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if old.get("machine") == machine:
+        ran = {row["workload"] for row in results}
+        order = [w["name"] for w in WORKLOADS[device]]
+        results = sorted([r for r in old.get("results", []) if r["workload"] not in ran] + results,
+                         key=lambda r: order.index(r["workload"]) if r["workload"] in order else len(order))
+    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": machine, "results": results},
+                              indent=2) + "\n")
     print(f"wrote {out}")
 
 
