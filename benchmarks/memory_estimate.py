@@ -27,17 +27,24 @@ Writes benchmarks/results/memory_estimate.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import weakref
 from datetime import date
 from pathlib import Path
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 try:
-    from benchmarks.train_throughput import PROJECTIONS, WORKLOADS, hf_config
+    from benchmarks.train_throughput import PROJECTIONS, WORKLOADS, hf_config, step_shape
 except ImportError:  # run as a script (the workers): this folder is sys.path[0]
-    from train_throughput import PROJECTIONS, WORKLOADS, hf_config
+    from train_throughput import PROJECTIONS, WORKLOADS, hf_config, step_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GIB = 2**30
@@ -57,7 +64,7 @@ def main():
     for w in WORKLOADS["cuda"]:
         if args.only and w["name"] != args.only:
             continue
-        shape = {k: w.get(k, d) for k, d in (("batch", None), ("seq", None), ("r", 8), ("checkpointing", False))}
+        shape = {k: v for k, v in step_shape(w).items() if k in ("batch", "seq", "r", "checkpointing")}
         row = {"workload": w["name"], **shape, "variants": {}}
         for variant in ("lowrank", "peft"):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
@@ -73,8 +80,6 @@ def main():
         print(f"{w['name']:18s} lowrank / transformers+peft peak: {row['peak_ratio']:.2f}x")
         rows.append(row)
     if not args.only:
-        import torch
-
         RESULTS.mkdir(exist_ok=True)
         out = RESULTS / "memory_estimate.json"
         out.write_text(json.dumps({"date": date.today().isoformat(), "torch": torch.__version__,
@@ -85,82 +90,74 @@ def main():
 
 # ---- the counting ------------------------------------------------------------------------------
 
-def live_bytes_mode():
-    """A TorchDispatchMode that counts the bytes of live tensor storages and keeps their peak.
+RANDOM_FILLS = {"uniform_", "normal_", "bernoulli_", "random_", "exponential_"}
 
-    Under fake tensors it also answers what has no fake answer: random fills do nothing,
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages and keeps their peak.
+
+    With fake=True it also answers what fake tensors have no answer for: random fills do nothing,
     `.item()` gives False for a bool (no bad label found) and 1 otherwise (Adam's step count),
     and `nonzero` reports every element (every label trained).
     """
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
 
-    random_fills = {"uniform_", "normal_", "bernoulli_", "random_", "exponential_"}
+    def __init__(self, fake: bool):
+        super().__init__()
+        self.fake, self.live, self.now, self.peak = fake, {}, 0, 0
 
-    class LiveBytes(TorchDispatchMode):
-        def __init__(self, fake: bool):
-            super().__init__()
-            self.fake, self.live, self.now, self.peak = fake, {}, 0, 0
+    def add(self, t):
+        if not isinstance(t, torch.Tensor):
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        n = storage.nbytes()
 
-        def add(self, t):
-            if not isinstance(t, torch.Tensor):
-                return
-            storage = t.untyped_storage()
-            key = storage._cdata
-            if key in self.live:
-                return
-            n = storage.nbytes()
+        def freed(_, key=key, n=n):
+            if self.live.pop(key, None) is not None:
+                self.now -= n
 
-            def freed(_, key=key, n=n):
-                if self.live.pop(key, None) is not None:
-                    self.now -= n
+        # torch keeps a storage's Python object alive as long as the storage: the weakref fires on free.
+        self.live[key] = weakref.ref(storage, freed)
+        self.now += n
+        self.peak = max(self.peak, self.now)
 
-            # torch keeps a storage's Python object alive as long as the storage: the weakref fires on free.
-            self.live[key] = weakref.ref(storage, freed)
-            self.now += n
-            self.peak = max(self.peak, self.now)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            name = func.overloadpacket.__name__
-            if self.fake and name in random_fills:
-                return args[0]
-            if self.fake and name == "_local_scalar_dense":
-                return False if args[0].dtype == torch.bool else 1
-            if self.fake and name == "nonzero":
-                x = args[0]
-                out = torch.empty(x.numel(), x.dim(), dtype=torch.long, device=x.device)
-            else:
-                out = func(*args, **kwargs)
-            for t in tree_leaves(out):
-                self.add(t)
-            return out
-
-    return LiveBytes
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if self.fake and name in RANDOM_FILLS:
+            return args[0]
+        if self.fake and name == "_local_scalar_dense":
+            return False if args[0].dtype == torch.bool else 1
+        if self.fake and name == "nonzero":
+            x = args[0]
+            out = torch.empty(x.numel(), x.dim(), dtype=torch.long, device=x.device)
+        else:
+            out = func(*args, **kwargs)
+        for t in tree_leaves(out):
+            self.add(t)
+        return out
 
 
-def flash_attention_stand_in():
+class _Flash(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def flash_attention_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                             enable_gqa=False):
     """F.scaled_dot_product_attention with flash attention's memory and no arithmetic."""
-    import torch
-
-    class Flash(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, q, k, v):
-            out = torch.empty_like(q)
-            lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-            ctx.save_for_backward(q, k, v, out, lse)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad):
-            q, k, v, _, _ = ctx.saved_tensors
-            return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return Flash.apply(q, k, v)
-
-    return sdpa
+    return _Flash.apply(q, k, v)
 
 
 # ---- one library's step --------------------------------------------------------------------------
@@ -170,18 +167,12 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
     """Peak bytes of `steps` LoRA optimizer steps of `variant` ("lowrank" or "peft") on a model of the
     transformers `config` dict. fake=False runs real CPU tensors (for the tests); pretend_cuda makes
     the fused loss take its CUDA branch, which only fake tensors can."""
-    import contextlib
-    from unittest import mock
-
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    counter = live_bytes_mode()(fake)
+    counter = LiveBytes(fake)
     B, T = shape["batch"], shape["seq"]
     bf16 = torch.bfloat16
     with contextlib.ExitStack() as stand_ins:  # every patch is undone on the way out
         stand_ins.enter_context(mock.patch("torch.nn.functional.scaled_dot_product_attention",
-                                           flash_attention_stand_in()))
+                                           flash_attention_stand_in))
         if variant == "lowrank" and pretend_cuda:
             stand_ins.enter_context(mock.patch("lowrank.kernels.linear_cross_entropy._fp32_out_gemm",
                                                lambda t: True))
@@ -209,8 +200,6 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
 
 
 def _lowrank(config: dict, shape: dict):
-    import torch
-
     from lowrank.adapters.lora import LoraConfig, apply_lora
     from lowrank.config import config_from_dict
     from lowrank.models import build_model
@@ -239,9 +228,6 @@ def _peft_stand_ins(stack):
     """PEFT moves each new module to its base layer's device and dtype with Module.to, which cannot
     swap fake parameters. Everything is on the one device already, and PEFT then keeps adapters in
     fp32 (autocast_adapter_dtype) whatever the base dtype: the same tensors result without the moves."""
-    from unittest import mock
-
-    import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     module_to = torch.nn.Module.to
@@ -258,7 +244,6 @@ def _peft_stand_ins(stack):
 
 
 def _peft(config: dict, shape: dict):
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -103,10 +103,15 @@ def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
     return folder / "model", data
 
 
+def step_shape(w: dict) -> dict:
+    """What a worker needs of workload `w`: batch, steps and LoRA set-up, the defaults filled in."""
+    return {"batch": w["batch"], "seq": w["seq"], "warmup": w["warmup"], "steps": w["steps"],
+            "r": w.get("r", 8), "checkpointing": w.get("checkpointing", False)}
+
+
 def run_variant(variant: str, model: Path, data: Path, w: dict, device: str, cwd: str, threads: int | None) -> dict:
     args = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, str(model), str(data),
-            json.dumps(dict({k: w[k] for k in ("batch", "seq", "warmup", "steps")}, r=w.get("r", 8),
-                       checkpointing=w.get("checkpointing", False))), device]
+            json.dumps(step_shape(w)), device]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -140,8 +145,9 @@ def main():
         w = dict(w, steps=args.steps or w["steps"])
         with tempfile.TemporaryDirectory() as tmp:
             model, data = make_workload(Path(tmp), w)
-            row = {"workload": w["name"], "batch": w["batch"], "seq": w["seq"], "masked": w["masked"],
-                   "steps": w["steps"], "r": w.get("r", 8), "checkpointing": w.get("checkpointing", False),
+            shape = step_shape(w)
+            row = {"workload": w["name"], "batch": shape["batch"], "seq": shape["seq"], "masked": w["masked"],
+                   "steps": shape["steps"], "r": shape["r"], "checkpointing": shape["checkpointing"],
                    "config": w["config"], "variants": {}}
             variants = args.variants.split(",") if args.variants else w["variants"]
             for _ in range(args.repeats):
