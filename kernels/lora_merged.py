@@ -204,6 +204,16 @@ def _halves(t, BLOCK_M: tl.constexpr, W: tl.constexpr):
     return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, W // 2)), (0, 2, 1)))
 
 
+@triton.jit
+def _dxs_and_a(dxs_ptr, a_ptr, offs_m, offs_r, offs_k, M, K, R_TOTAL, r_lo, r_size):
+    """One segment's dxs rows [offs_m, R_PAD] and A columns [R_PAD, offs_k], zero outside r_size."""
+    dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
+                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_size), other=0.0)
+    a = tl.load(a_ptr + offs_r[:, None] * K + offs_k[None, :],
+                mask=(offs_r[:, None] < r_size) & (offs_k[None, :] < K), other=0.0)
+    return dxs, a
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _dx_kernel(
     # pointers: dy [M, N_TOTAL], dxs [M, R_TOTAL], dx [M, K] (out); tuples of W_s [n_s, K], A_s [r_s, K]
@@ -244,10 +254,7 @@ def _dx_kernel(
             offs_kh = k_lo + tl.arange(0, BLOCK_K // 4)
             r_lo = 0
             for s in tl.static_range(NSEG):  # the LoRA branch went through dropout_s, so its gradient does too
-                dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
-                              mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
-                a = tl.load(a_ptrs[s] + offs_r[:, None] * K + offs_kh[None, :],
-                            mask=(offs_r[:, None] < r_sizes[s]) & (offs_kh[None, :] < K), other=0.0)
+                dxs, a = _dxs_and_a(dxs_ptr, a_ptrs[s], offs_m, offs_r, offs_kh, M, K, R_TOTAL, r_lo, r_sizes[s])
                 lora = tl.dot(dxs, a, input_precision=PRECISION)
                 keep = _keep_mask(seed, offs_m, k_lo, K, threshold, s, BLOCK_K // 4)
                 part += tl.where(keep, lora * inv_keep, 0.0)
@@ -257,10 +264,7 @@ def _dx_kernel(
     else:
         r_lo = 0
         for s in tl.static_range(NSEG):
-            dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
-                          mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
-            a = tl.load(a_ptrs[s] + offs_r[:, None] * K + offs_k[None, :],
-                        mask=(offs_r[:, None] < r_sizes[s]) & (offs_k[None, :] < K), other=0.0)
+            dxs, a = _dxs_and_a(dxs_ptr, a_ptrs[s], offs_m, offs_r, offs_k, M, K, R_TOTAL, r_lo, r_sizes[s])
             acc = tl.dot(dxs, a, acc, input_precision=PRECISION)
             r_lo += r_sizes[s]
         tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
