@@ -52,6 +52,19 @@ def _keep_mask(seed, offs_m, k0, K, threshold, SEG: tl.constexpr, BLOCK_K: tl.co
     return bits >= threshold
 
 
+@triton.jit
+def _dropped_x(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, seed, threshold, inv_keep,
+               SEG: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x[offs_m, k0:k0+BLOCK_K] through segment SEG's dropout (as is without DROPOUT), zero outside x."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+    if DROPOUT:
+        keep = _keep_mask(seed, offs_m, k0, K, threshold, SEG, BLOCK_K)
+        x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
+    return x
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _xs_kernel(
     # pointers: x [M, K] (strided), A_s [r_s, K] (tuple), xs [M, R_TOTAL] (out)
@@ -72,11 +85,8 @@ def _xs_kernel(
         acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            if DROPOUT:
-                keep = _keep_mask(seed, offs_m, k0, K, threshold, s, BLOCK_K)
-                x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
+            x = _dropped_x(x_ptr, offs_m, k0, M, K, stride_xm, stride_xk, seed, threshold, inv_keep,
+                           s, DROPOUT, BLOCK_K)
             a = tl.load(a_ptrs[s] + offs_r[None, :] * K + offs_k[:, None],
                         mask=(offs_r[None, :] < r_sizes[s]) & (offs_k[:, None] < K), other=0.0)
             acc += tl.dot(x, a, input_precision=PRECISION)
@@ -290,11 +300,8 @@ def _da_kernel(
         # SPLIT_M programs share the M reduction (row blocks pid_split, pid_split + SPLIT_M, ...).
         for m0 in range(pid_split * BLOCK_M, M, SPLIT_M * BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-            if DROPOUT:
-                keep = _keep_mask(seed, offs_m, pid_k * BLOCK_K, K, threshold, s, BLOCK_K)
-                x = tl.where(keep, x * inv_keep, 0.0).to(x_ptr.dtype.element_ty)
+            x = _dropped_x(x_ptr, offs_m, pid_k * BLOCK_K, M, K, stride_xm, stride_xk, seed, threshold, inv_keep,
+                           s, DROPOUT, BLOCK_K)
             dxs = tl.load(dxs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
                           mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_sizes[s]), other=0.0)
             acc += tl.dot(tl.trans(dxs), x, input_precision=PRECISION)
