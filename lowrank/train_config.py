@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .adapters.lora import module_names
 from .errors import ConfigError
 from .schedule import SCHEDULES
 
@@ -100,6 +101,12 @@ class TrainConfig:
     keep_checkpoints: int = _f(3, "keep the newest K checkpoints (0: keep all)", "runtime")
     resume: bool = _f(False, "continue from the newest checkpoint in the output folder", "runtime")
     progress: bool = _f(True, "show a progress bar", "runtime")
+
+    def __post_init__(self):
+        # From Python a module list may come as a comma string or "all-linear", as in TOML and flags.
+        for name in ("target_modules", "trainable_modules"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, coerce(name, getattr(self, name)))
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
@@ -194,8 +201,10 @@ def coerce(name: str, value):
     if base == "str" and isinstance(value, str):
         return value
     if base == "list":
-        items = value.split(",") if isinstance(value, str) else value
-        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+        items = module_names(value)  # a list, a comma string or "all-linear"
+        if items == "all-linear":
+            return [items]
+        if isinstance(items, (list, tuple)) and all(isinstance(v, str) for v in items):
             return [v.strip() for v in items if v.strip()]
     if base == "dict" and isinstance(value, dict):
         return dict(value)

@@ -24,7 +24,7 @@ def apply_method(model, cfg: TrainConfig) -> None:
         from .adapters.peft_format import load_adapter
 
         if cfg.init_adapter:
-            load_adapter(model, cfg.init_adapter)  # its config sets r, alpha and targets; weights stay trainable
+            load_adapter(model, cfg.init_adapter, trainable=True)  # its config sets r, alpha and targets
         else:
             targets = cfg.target_modules
             # "all-linear" (every linear layer of the decoder layers) is LoraConfig's own keyword.

@@ -113,7 +113,7 @@ def test_bad_config_leaves_the_model(untied, kwargs, fragment):
 
 
 @pytest.mark.parametrize("kwargs", [dict(trainable_layers="2"), dict(trainable_layers=True),
-                                    dict(trainable_modules="mlp")])
+                                    dict(trainable_modules="mlp|self_attn")])  # names, not a regex
 def test_bad_config_types(kwargs):
     with pytest.raises(ConfigError, match="FreezeConfig"):
         FreezeConfig(**kwargs)

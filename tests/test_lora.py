@@ -310,7 +310,7 @@ def test_tied_model_modules_to_save_gets_its_own_head(tied):
     (dict(r=0), "r = 0"), (dict(r=-3), "r = -3"), (dict(r=2.5), "r = 2.5"), (dict(r=True), "r = True"),
     (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"), (dict(target_modules="q_proj("), "regex"),
     (dict(target_modules=[]), "target_modules"), (dict(bias="some"), "bias"), (dict(init="xavier"), "init"),
-    (dict(layers=[-1]), "layers"), (dict(modules_to_save="lm_head"), "modules_to_save"),
+    (dict(layers=[-1]), "layers"), (dict(modules_to_save="lm_.*"), "modules_to_save"),  # names, not a regex
 ])
 def test_bad_config_values(kwargs, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

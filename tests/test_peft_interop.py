@@ -205,6 +205,31 @@ def test_real_peft_adapters_match_peft(qwen05_full_width):
         torch.testing.assert_close(ours_logits(model, x), ref, atol=ATOL, rtol=0)
 
 
+def test_adapter_loads_ready_for_inference_into_an_eval_model(qwen05_full_width):
+    """An eval model stays in eval mode when an adapter with dropout is loaded, as
+    PeftModel.from_pretrained leaves it: equal logits without calling eval() again."""
+    folder, hf = qwen05_full_width
+    adapter = FIXTURES / "adapters/qwen2.5-0.5b-peft-lora/dpo"  # lora_dropout 0.1
+    x = torch.randint(0, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    pm = peft.PeftModel.from_pretrained(hf, adapter)
+    with torch.no_grad():
+        ref = pm(input_ids=x).logits
+    pm.unload()
+    model = load_adapter(lowrank.load_model(folder).eval(), adapter)
+    wrapped = lora_modules(model)
+    assert wrapped and all(m.dropout_p == 0.1 for _, m in wrapped)
+    assert not any(m.training for m in model.modules())
+    assert not any(p.requires_grad for _, m in wrapped for p in (m.lora_A.weight, m.lora_B.weight))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=ATOL, rtol=0)
+
+    # trainable=True (what --init-adapter does): the adapter trains, the base stays frozen.
+    again = load_adapter(lowrank.load_model(folder).train(), adapter, trainable=True)
+    trains = {n for n, p in again.named_parameters() if p.requires_grad}
+    assert trains == {n for n, _ in again.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+    assert all(m.training for _, m in lora_modules(again))
+
+
 # ---- bad adapter folders ------------------------------------------------------------------------
 
 @pytest.fixture

@@ -371,6 +371,19 @@ def test_lowrank_adapter_loads_in_peft_with_the_same_logits(tiny_checkpoint, tmp
         torch.testing.assert_close(model(ids), pm(input_ids=ids).logits, atol=1e-4, rtol=0)
 
 
+def peft_greedy_full_forward(pm, ids, mask, steps):
+    """Greedy decoding by PEFT's full forward pass, one token at a time, no cache: positions
+    count real tokens (as generate derives them from the mask). The oracle for cached
+    generation, because transformers 5.24's generate drops PEFT's prefix from the cache
+    ("Both `past_key_values` and `cache` are set ... ignoring deprecated `past_key_values`")."""
+    with torch.no_grad():
+        for _ in range(steps):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            nxt = pm(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].argmax(-1, keepdim=True)
+            ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
 def test_left_padded_greedy_generation_matches_peft(tiny_checkpoint):
     folder, hf = tiny_checkpoint(GQA)
     pm = peft_prefix_model(hf, 4, projection=False, seed=2).eval()
@@ -378,9 +391,12 @@ def test_left_padded_greedy_generation_matches_peft(tiny_checkpoint):
     apply_prefix(model, PrefixConfig(num_virtual_tokens=4)).load_state_dict(pm.prompt_encoder["default"].state_dict())
     ids, mask = rand_ids(2, 9, 18), torch.ones(2, 9, dtype=torch.long)
     ids[1, :3], mask[1, :3] = 0, 0
-    ref = pm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = peft_greedy_full_forward(pm, ids, mask, steps=8)
     ours = lowrank.generate(model, ids, max_new_tokens=8, attention_mask=mask, pad_token_id=0)
     assert torch.equal(ours, ref)
+    # The prefix changes the answer: a test that would pass without it proves nothing.
+    plain = lowrank.generate(lowrank.load_model(folder), ids, max_new_tokens=8, attention_mask=mask, pad_token_id=0)
+    assert not torch.equal(plain, ref)
 
 
 def test_explicit_position_ids_match_peft(tiny_checkpoint):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from ..errors import ConfigError
-from .lora import name_matches
+from .lora import module_names, name_matches
 
 
 @dataclass
@@ -35,7 +35,7 @@ class FreezeConfig:
         ok = _is_int(n) or (isinstance(n, (list, tuple)) and all(_is_int(i) for i in n))
         if not ok:
             raise ConfigError(f"FreezeConfig.trainable_layers = {n!r}: expected a layer count or a list of indices")
-        m = self.trainable_modules
+        self.trainable_modules = m = module_names(self.trainable_modules)
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) and x for x in m)):
             raise ConfigError(f"FreezeConfig.trainable_modules = {m!r}: expected None or a list of module names")
 

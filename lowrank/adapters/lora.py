@@ -74,7 +74,7 @@ class LoraConfig:
             bad("alpha", "expected a positive number")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             bad("dropout", "expected a probability in [0, 1)")
-        t = self.target_modules
+        self.target_modules = t = module_names(self.target_modules)
         if isinstance(t, str):
             if not t:
                 bad("target_modules", "expected a regex, 'all-linear' or a list of module names")
@@ -93,7 +93,7 @@ class LoraConfig:
         if layers is not None and (not isinstance(layers, (list, tuple)) or not layers
                                    or not all(_is_int(i) and i >= 0 for i in layers)):
             bad("layers", "expected None, a layer index or a non-empty list of layer indices (>= 0)")
-        m = self.modules_to_save
+        self.modules_to_save = m = module_names(self.modules_to_save)
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(n, str) and n for n in m)):
             bad("modules_to_save", "expected None or a list of module names")
         if not isinstance(self.use_rslora, bool):
@@ -167,6 +167,23 @@ _LAYER_INDEX = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's rule: the first `nam
 def layer_index(path: str) -> int | None:
     m = _LAYER_INDEX.match(path)
     return int(m.group(1)) if m else None
+
+
+_NAME_LIST = re.compile(r"[\w.]+(?:\s*,\s*[\w.]+)*")
+
+
+def module_names(value):
+    """A module-list setting in the forms every config takes (LoraConfig, FreezeConfig,
+    TrainConfig, TOML, flags): a list of names, a comma string ("q_proj, v_proj"), or
+    "all-linear". A comma string becomes the list; any other string is returned as it is
+    (LoraConfig reads it as a regex over the module path, as PEFT does)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "all-linear":
+            return text
+        if _NAME_LIST.fullmatch(text):
+            return [n.strip() for n in text.split(",")]
+    return value
 
 
 def name_matches(path: str, name: str) -> bool:

@@ -71,13 +71,18 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Pat
     return folder
 
 
-def load_adapter(model, path):
+def load_adapter(model, path, trainable: bool = False):
     """Apply a PEFT adapter folder (written by save_adapter or PEFT's save_pretrained) to a
     plain loaded model, in place; returns `model`.
 
+    Ready for inference by default, as `PeftModel.from_pretrained`: every module it adds takes
+    the mode of the model it is given (a model in eval mode keeps dropout off), and the
+    adapter's weights are frozen. `trainable=True` leaves them trainable, to continue training
+    (what `--init-adapter` does).
+
     Everything is checked against the model before it is touched: on a CheckpointError
     (missing or corrupt files, a config or tensor that does not fit the model) the model is
-    left as it was. LoRA weights stay trainable, so training can resume.
+    left as it was.
     """
     folder = Path(path)
     config = _read_config(folder)
@@ -85,9 +90,18 @@ def load_adapter(model, path):
     if kind not in ("LORA", "PREFIX_TUNING"):
         raise CheckpointError(f"{folder / CONFIG}: peft_type {kind!r}; lowrank loads LORA and PREFIX_TUNING adapters")
     tensors = _read_tensors(folder)
+    before = {id(m) for m in model.modules()}
     if kind == "LORA":
-        return load_lora_from_peft(model, config, tensors, folder)
-    load_prefix_from_peft(model, config, tensors, folder)
+        load_lora_from_peft(model, config, tensors, folder)
+        adapter_params = [p for n, p in model.named_parameters() if PREFIX + n in tensors]
+    else:
+        adapter_params = list(load_prefix_from_peft(model, config, tensors, folder).parameters())
+    # nn.Module starts in training mode: new modules would run dropout in an eval model.
+    for m in model.modules():
+        if id(m) not in before:
+            m.train(model.training)
+    for p in adapter_params:
+        p.requires_grad_(trainable)
     return model
 
 
