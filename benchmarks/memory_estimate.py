@@ -201,9 +201,8 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
 
 def _lowrank(config: dict, shape: dict):
     from lowrank.adapters.lora import LoraConfig, apply_lora
-    from lowrank.config import config_from_dict
-    from lowrank.models import build_model
-    from lowrank.training import causal_lm_loss
+    from lowrank.models import build_model, config_from_dict
+    from lowrank.train.loop import causal_lm_loss
 
     torch.set_default_dtype(torch.bfloat16)  # frozen weights in bf16, as lowrank.train does under bf16
     try:

@@ -6,7 +6,7 @@ Both train the same random checkpoint (written once with lowrank.save_model, rea
 same batches: LoRA r=8 (or the workload's r), alpha=2r, no dropout, on all seven projections; AdamW;
 gradient clipping at 1.0; activation checkpointing where the workload says so; every token trained,
 or (the "-sft" workload) only the second half of each row, the answer of SFT data whose prompt is
-masked. lowrank runs its own loop (lowrank.training.build_run + train_step,
+masked. lowrank runs its own loop (lowrank.train.loop.build_run + train_step,
 fused LM-head loss; "lowrank-plain" is the same loop on full logits); transformers + peft run the
 usual `model(input_ids, labels=...)`, `loss.backward()`, `optimizer.step()`. On the CPU in fp32; on
 a GPU with bf16 weights for the frozen base and bf16 autocast, as each library's own recipe does.
@@ -78,10 +78,9 @@ def hf_config(shape: dict, dtype: str = "float32") -> dict:
 def make_workload(folder: Path, w: dict) -> tuple[Path, Path]:
     import torch
 
-    from lowrank.checkpoint import save_model
-    from lowrank.config import config_from_dict
-    from lowrank.models import build_model
-    from lowrank.quickstart import init_weights_
+    from lowrank.models.checkpoint import save_model
+    from lowrank.models import build_model, config_from_dict
+    from lowrank.train.quickstart import init_weights_
 
     dtype = w.get("dtype", "float32")
     hf = hf_config(w["config"], dtype)
@@ -222,7 +221,7 @@ def worker(variant: str, model: str, data: str, shape: dict, device: str) -> dic
     tokens = shape["batch"] * shape["seq"]
     losses, times = [], []
     if variant.startswith("lowrank"):
-        from lowrank.training import TrainConfig, build_run, epoch_batches, step_share, train_step
+        from lowrank.train.loop import TrainConfig, build_run, epoch_batches, step_share, train_step
 
         cfg = TrainConfig(model=model, data=data, output=str(Path(data).parent / "unused"), method="lora",
                           r=shape["r"], alpha=2.0 * shape["r"], dropout=0.0, target_modules=PROJECTIONS,

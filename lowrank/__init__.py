@@ -19,29 +19,26 @@ from . import kernels  # noqa: E402, F401
 from .errors import CheckpointError, ConfigError, DataError, LowrankError  # noqa: E402
 
 __version__ = "0.1.0"
-from .checkpoint import load_model, save_model  # noqa: E402
-from .config import ModelConfig, read_config  # noqa: E402
-from .generation import generate  # noqa: E402
-from .models import KVCache, build_model  # noqa: E402
-from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from .chat_template import render_chat  # noqa: E402
-from .data import DataReport, load_dataset  # noqa: E402
-from .batching import collate, collate_packed, length_grouped_order, make_batches, pack  # noqa: E402
-from .loss import count_trainable_tokens, masked_cross_entropy  # noqa: E402
+from .models import KVCache, ModelConfig, build_model, generate, load_model, read_config, save_model  # noqa: E402
+from .data import (DataReport, Tokenizer, collate, collate_packed, length_grouped_order,  # noqa: E402
+                   load_dataset, load_tokenizer, make_batches, pack, render_chat)
 from .adapters import (  # noqa: E402
     FreezeConfig,
     LoraConfig,
+    PrefixConfig,
     apply_freeze,
     apply_lora,
+    apply_prefix,
+    fold_prefix,
     load_adapter,
     merge_adapter,
     merged,
+    remove_prefix,
     save_adapter,
     trainable_parameters,
     trainable_summary,
 )
-from .adapters.prefix import PrefixConfig, apply_prefix, fold_prefix, remove_prefix  # noqa: E402
-from .training import TrainConfig, finetune  # noqa: E402
+from .train import TrainConfig, count_trainable_tokens, finetune, masked_cross_entropy  # noqa: E402
 
 __all__ = [
     # errors

@@ -5,7 +5,7 @@
 The prompt goes through the model's chat template (with the generation prompt), the answer is
 decoded without special tokens. --adapter takes a PEFT folder (LoRA or prefix, lowrank's or
 PEFT's); a freeze / full fine-tune is a whole model folder: pass it as --model. Only parses: the
-function is lowrank.generate (lowrank/generation.py); nothing imports this module.
+function is lowrank.generate (lowrank/models/generation.py); nothing imports this module.
 """
 
 from __future__ import annotations
@@ -58,11 +58,11 @@ def main(argv=None) -> int:
 def answers(args):
     import torch
 
-    from .checkpoint import load_model
+    from .models.checkpoint import load_model
     from .errors import ConfigError
-    from .distributed import pick_device
-    from .generation import generate
-    from .tokenizer import load_tokenizer
+    from .train.distributed import pick_device
+    from .models.generation import generate
+    from .data.tokenizer import load_tokenizer
 
     device = pick_device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)

@@ -6,9 +6,9 @@ import shutil
 import pytest
 from tests.conftest import FIXTURES
 
-from lowrank.chat_template import CHATML_TEMPLATE, DEEPSEEK_TEMPLATE, render_chat
+from lowrank.data.chat_template import CHATML_TEMPLATE, DEEPSEEK_TEMPLATE, render_chat
 from lowrank.errors import ConfigError, DataError
-from lowrank.tokenizer import load_tokenizer
+from lowrank.data.tokenizer import load_tokenizer
 
 TOKENIZERS = FIXTURES / "tokenizers"
 TEMPLATES = FIXTURES / "chat_templates"

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import TOL
 
-from lowrank.batching import collate
-from lowrank.loss import count_trainable_tokens, masked_cross_entropy
+from lowrank.data.batching import collate
+from lowrank.train.loss import count_trainable_tokens, masked_cross_entropy
 
 
 def random_labels(B, T, V, g, masked=0.4):

@@ -21,9 +21,8 @@ from lowrank.adapters.prefix import (
     prefix_to_peft,
     remove_prefix,
 )
-from lowrank.config import config_from_dict
 from lowrank.errors import CheckpointError, ConfigError
-from lowrank.models import build_model
+from lowrank.models import build_model, config_from_dict
 
 from tests.conftest import TOL, randomize_, real_config, shrink
 

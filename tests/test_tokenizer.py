@@ -1,4 +1,4 @@
-"""lowrank.tokenizer against llama.cpp's reference tokenizations and transformers' tokenizers."""
+"""lowrank.data.tokenizer against llama.cpp's reference tokenizations and transformers' tokenizers."""
 
 import io
 import json
@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import DATA, FIXTURES
 
 from lowrank.errors import CheckpointError
-from lowrank.tokenizer import load_tokenizer
+from lowrank.data.tokenizer import load_tokenizer
 
 TOKENIZERS = FIXTURES / "tokenizers"
 QWEN_SLOW = TOKENIZERS / "qwen2.5-instruct"

@@ -8,9 +8,9 @@ import lowrank
 from lowrank import ConfigError
 from lowrank.adapters.freeze import FreezeConfig, apply_freeze
 from lowrank.adapters.lora import LoraConfig, apply_lora, lora_modules
-from lowrank.train import config_from_args, build_parser
-from lowrank.train_config import TrainConfig, read_toml
-from lowrank.train_setup import apply_method
+from lowrank.train.config import TrainConfig, read_toml
+from lowrank.train.flags import build_parser, config_from_args
+from lowrank.train.prepare import apply_method
 
 RUN = dict(model="m", data="d", output="o")
 

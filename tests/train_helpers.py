@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lowrank.checkpoint import save_model
-from lowrank.config import config_from_dict
-from lowrank.models import build_model
+from lowrank.models.checkpoint import save_model
+from lowrank.models import build_model, config_from_dict
 from tests.conftest import ROOT, randomize_, real_config, shrink
 
 VOCAB = 257

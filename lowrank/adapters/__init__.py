@@ -10,9 +10,10 @@
 from .freeze import FreezeConfig, apply_freeze, trainable_parameters, trainable_summary
 from .lora import LoraConfig, LoraLinear, apply_lora, lora_modules, merge_adapter, merged
 from .peft_format import load_adapter, save_adapter
+from .prefix import PrefixConfig, apply_prefix, fold_prefix, remove_prefix
 
 __all__ = [
     "FreezeConfig", "apply_freeze", "trainable_parameters", "trainable_summary",
     "LoraConfig", "LoraLinear", "apply_lora", "lora_modules", "merge_adapter", "merged",
-    "load_adapter", "save_adapter",
+    "load_adapter", "save_adapter", "PrefixConfig", "apply_prefix", "fold_prefix", "remove_prefix",
 ]

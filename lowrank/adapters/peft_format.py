@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoint import read_header, read_tensor
+from ..models.checkpoint import read_header, read_tensor
 from ..errors import CheckpointError, ConfigError
 from ..files import read_json_object, write_atomic
 from .lora import (LoraConfig, apply_lora, lora_biases, lora_modules, resolve_modules_to_save,

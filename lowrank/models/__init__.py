@@ -1,18 +1,17 @@
-"""Model families. `build_model(config)` returns the module for a config's model_type."""
+"""Models: read a Hugging Face folder's config and weights, build the decoder, generate.
 
-from ..config import ModelConfig
+- `config.py` (the dense families' config readers) and `moe_config.py` (the MoE / MLA ones);
+- `families.py`: model_type -> config reader and module (`read_config`, `build_model`);
+- the decoders: `decoder.py` (Qwen2 / Qwen3 / Llama), `qwen_moe.py`, `deepseek.py`, with
+  `moe.py` and `rope.py` shared;
+- `checkpoint.py`: `load_model` / `save_model`; `generation.py`: `generate`.
+"""
+
+from .checkpoint import load_model, save_model
+from .config import ModelConfig
 from .decoder import CausalLM, KVCache
-from .deepseek import DeepseekForCausalLM
-from .qwen_moe import QwenMoeForCausalLM
+from .families import FAMILIES, build_model, config_from_dict, read_config
+from .generation import generate
 
-# model_type -> module class
-MODELS = {"qwen2": CausalLM, "qwen3": CausalLM, "llama": CausalLM,
-          "qwen2_moe": QwenMoeForCausalLM, "qwen3_moe": QwenMoeForCausalLM,
-          "deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
-
-
-def build_model(cfg: ModelConfig):
-    return MODELS[cfg.model_type](cfg)
-
-
-__all__ = ["build_model", "CausalLM", "KVCache", "MODELS"]
+__all__ = ["ModelConfig", "FAMILIES", "read_config", "config_from_dict", "build_model", "CausalLM", "KVCache",
+           "load_model", "save_model", "generate"]

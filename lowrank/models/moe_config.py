@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-from ..config import ARCHITECTURES, DTYPES, ModelConfig, _llama_like, _Reader, _rope, _to_4x_layout
+from .config import ARCHITECTURES, DTYPES, ModelConfig, _llama_like, _Reader, _rope, _to_4x_layout
 
 
 def _refuse_quantized(r: _Reader):

@@ -1,5 +1,5 @@
 """What a training run loads before its first step: the tokenizer, the examples, the model
-with its method applied, and the compute precision. Used by lowrank.training.build_run.
+with its method applied, and the compute precision. Used by lowrank.train.loop.build_run.
 """
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .batching import pack
-from .data import load_dataset
-from .errors import CheckpointError, ConfigError, DataError
-from .train_config import TrainConfig
+from ..data.batching import pack
+from ..data.dataset import load_dataset
+from ..errors import CheckpointError, ConfigError, DataError
+from .config import TrainConfig
 
 
 def apply_method(model, cfg: TrainConfig) -> None:
@@ -20,8 +20,8 @@ def apply_method(model, cfg: TrainConfig) -> None:
         for p in model.parameters():
             p.requires_grad_(True)
     elif cfg.method == "lora":
-        from .adapters.lora import LoraConfig, apply_lora
-        from .adapters.peft_format import load_adapter
+        from ..adapters.lora import LoraConfig, apply_lora
+        from ..adapters.peft_format import load_adapter
 
         if cfg.init_adapter:
             load_adapter(model, cfg.init_adapter, trainable=True)  # its config sets r, alpha and targets
@@ -32,11 +32,11 @@ def apply_method(model, cfg: TrainConfig) -> None:
             apply_lora(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=targets,
                                          use_rslora=cfg.use_rslora))
     elif cfg.method == "prefix":
-        from .adapters.prefix import PrefixConfig, apply_prefix
+        from ..adapters.prefix import PrefixConfig, apply_prefix
 
         apply_prefix(model, PrefixConfig(num_virtual_tokens=cfg.num_virtual_tokens, projection=cfg.prefix_projection))
     elif cfg.method == "freeze":
-        from .adapters.freeze import FreezeConfig, apply_freeze
+        from ..adapters.freeze import FreezeConfig, apply_freeze
 
         apply_freeze(model, FreezeConfig(trainable_layers=cfg.trainable_layers,
                                          trainable_modules=cfg.trainable_modules))
@@ -70,8 +70,8 @@ class _VocabOnly:
 def load_tokenizer_for(cfg: TrainConfig):
     """The tokenizer of --tokenizer or the model folder; a vocabulary-size stand-in when the model
     folder has no tokenizer files (enough for pre-tokenized data)."""
-    from .config import read_config
-    from .tokenizer import load_tokenizer
+    from ..models import read_config
+    from ..data.tokenizer import load_tokenizer
 
     folder = Path(cfg.tokenizer or cfg.model)
     if not Path(cfg.model).is_dir():

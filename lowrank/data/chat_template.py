@@ -20,7 +20,7 @@ import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import DataError
+from ..errors import DataError
 
 # ChatML as Qwen writes it, without Qwen2.5's default system prompt (transformers' old default).
 CHATML_TEMPLATE = (

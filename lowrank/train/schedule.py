@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SCHEDULES = ("constant", "linear", "cosine")
 

@@ -14,8 +14,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapters.lora import module_names
-from .errors import ConfigError
+from ..adapters.lora import module_names
+from ..errors import ConfigError
 from .schedule import SCHEDULES
 
 METHODS = ("lora", "prefix", "freeze", "full")

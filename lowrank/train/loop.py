@@ -36,16 +36,16 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
-from .batching import collate_packed, make_batches
-from .checkpoint import load_model, save_model
-from .errors import ConfigError, LowrankError
-from .files import write_atomic
-from .kernels import linear_cross_entropy
+from ..data.batching import collate_packed, make_batches
+from ..models.checkpoint import load_model, save_model
+from ..errors import ConfigError, LowrankError
+from ..files import write_atomic
+from ..kernels import linear_cross_entropy
 from .loss import IGNORE_INDEX, count_trainable_tokens, masked_cross_entropy
 from .schedule import lr_at, warmup_steps_for
-from .train_config import TrainConfig, check_config, to_toml
-from .train_setup import apply_method, autocast_dtype_for, load_examples, load_tokenizer_for, pack_rows
-from .train_state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+from .config import TrainConfig, check_config, to_toml
+from .prepare import apply_method, autocast_dtype_for, load_examples, load_tokenizer_for, pack_rows
+from .state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           trainable_state, truncate_metrics)
 
 __all__ = ["TrainConfig", "Run", "TrainResult", "NonFiniteLossError", "finetune", "build_run", "epoch_batches",
@@ -145,7 +145,7 @@ def causal_lm_loss(model, batch: dict, fused: bool = True) -> tuple[torch.Tensor
     """(summed token loss, trained tokens) of a batch; labels are aligned with input_ids and shifted here.
 
     fused: the LM head and cross-entropy in one chunked op on the hidden states (no [B, T, V]
-    logits); otherwise full logits and lowrank.loss.masked_cross_entropy.
+    logits); otherwise full logits and lowrank.train.loss.masked_cross_entropy.
     """
     hidden = model.model(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
     if not fused:
@@ -401,7 +401,7 @@ def save_trained(run: Run, folder) -> Path:
     (freeze, full), written beside `folder` and renamed into place."""
     folder, cfg = Path(folder), run.config
     if cfg.method in ("lora", "prefix"):
-        from .adapters.peft_format import save_adapter
+        from ..adapters.peft_format import save_adapter
 
         # save_adapter writes each file under a temporary name and the config last.
         return save_adapter(run.model, folder, base_model_name_or_path=cfg.model)

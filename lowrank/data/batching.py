@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError, DataError
-from .loss import IGNORE_INDEX
+from ..errors import ConfigError, DataError
+from .dataset import IGNORE_INDEX
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@
    Face folder with `lowrank.save_model`: the same kind of folder as Qwen2.5-0.5B-Instruct.
 2. trains LoRA on `quickstart_data/identity.json` (91 self-cognition records from
    LLaMA-Factory, Apache-2.0, see quickstart_data/LICENSE.LLaMA-Factory) with its {{name}} and
-   {{author}} placeholders filled with "lowrank", through `lowrank.training.finetune`;
+   {{author}} placeholders filled with "lowrank", through `lowrank.train.loop.finetune`;
 3. asks the fine-tuned model who it is and prints the answers.
 
 The base is random, so it knows nothing before step 1 of training; what the LoRA layers learn
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .chat_template import CHATML_TEMPLATE, render_chat
-from .errors import ConfigError
+from ..data.chat_template import CHATML_TEMPLATE, render_chat
+from ..errors import ConfigError
 
 DATA_DIR = Path(__file__).resolve().parent / "quickstart_data"
 DATA = DATA_DIR / "identity.json"
@@ -50,9 +50,9 @@ def quickstart_settings(output: str | None = None) -> dict:
 
 def run_quickstart(config) -> None:
     """Build the base if needed, train, and chat with the result (see the module docstring)."""
-    from .checkpoint import load_model
-    from .train_config import check_config
-    from .training import finetune
+    from ..models.checkpoint import load_model
+    from .config import check_config
+    from .loop import finetune
 
     check_config(config)
     out, base = Path(config.output), Path(config.model)
@@ -66,7 +66,7 @@ def run_quickstart(config) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     result = finetune(config)
 
-    from .adapters.peft_format import load_adapter
+    from ..adapters.peft_format import load_adapter
 
     model = load_adapter(load_model(base), result.adapter)  # the saved adapter, as a user would load it
     for prompt in PROMPTS:
@@ -77,7 +77,7 @@ def run_quickstart(config) -> None:
 
 def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
     """The model's greedy answer to one user message, through the tokenizer's chat template."""
-    from .generation import generate
+    from ..models.generation import generate
 
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         tokenize=True)
@@ -89,9 +89,7 @@ def chat(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> str:
 
 def build_base(folder, seed: int = 0) -> Path:
     """Write a tokenizer trained on the quickstart data and a random tiny Qwen2 model to `folder`."""
-    from .checkpoint import save_model
-    from .config import config_from_dict
-    from .models import build_model
+    from ..models import build_model, config_from_dict, save_model
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -121,8 +119,8 @@ def train_tokenizer():
     """A byte-level BPE with Qwen2's pre-tokenizer, trained on the quickstart conversations."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from .data import read_records, record_to_messages
-    from .tokenizer_backends import QWEN_SPLIT_PATTERN
+    from ..data.dataset import read_records, record_to_messages
+    from ..data.tokenizer_backends import QWEN_SPLIT_PATTERN
 
     texts = [render_chat(CHATML_TEMPLATE, record_to_messages(r, REPLACEMENTS)) for r in read_records(DATA)]
     tok = Tokenizer(models.BPE())

@@ -1,18 +1,29 @@
 """The tokenizer backends, one per file format, with the same methods: the `tokenizers` library
 (tokenizer.json, or Qwen's vocab.json + merges.txt rebuilt as the same pipeline) and
-`sentencepiece` (tokenizer.model). lowrank.tokenizer picks one and adds the folder's configs.
+`sentencepiece` (tokenizer.model). lowrank.data.tokenizer picks one and adds the folder's configs.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
-if TYPE_CHECKING:  # the spec type lives with the tokenizer, which imports this module
-    from .tokenizer import AddedTokenSpec
+
+@dataclass(frozen=True)
+class AddedTokenSpec:
+    """One added token as a folder describes it; id is None where the folder leaves it to us."""
+
+    content: str
+    special: bool
+    id: int | None = None
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+    normalized: bool = False
+
 
 # The split regex of Qwen2's pre-tokenizer, as in its tokenizer.json.
 QWEN_SPLIT_PATTERN = (

@@ -1,23 +1,14 @@
-"""`python -m lowrank.train`: the command line of lowrank.training.finetune. It only parses.
-
-    python -m lowrank.train --model DIR --data FILE --output DIR [--method lora|prefix|freeze|full] ...
-    python -m lowrank.train --config run.toml [flags that override it]
-    python -m lowrank.train --quickstart          # the whole pipeline on a tiny embedded model, on the CPU
-    torchrun --nproc_per_node N -m lowrank.train ...   # data-parallel
-
-One flag per TrainConfig field, made from the field's help text. Exit status: 0 done, 1 the loss
-diverged (the last good checkpoint is kept), 2 bad flags or inputs (nothing written).
-Nothing imports this module: the package's function is lowrank.training.finetune.
-"""
+"""The flags of `python -m lowrank.train`, one per TrainConfig field, made from the field's help
+text (`lora_dropout` -> `--lora-dropout`), and the TrainConfig they give. Kept apart from
+`__main__.py` so that tests and other command lines can parse the same flags without running one."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
-from .errors import ConfigError, LowrankError
-from .train_config import FIELDS, TrainConfig, coerce, read_toml
+from ..errors import ConfigError
+from .config import FIELDS, TrainConfig, coerce
 
 GROUPS = {
     "run": "model, data, output",
@@ -92,35 +83,3 @@ def config_from_args(args: dict, base: dict | None = None) -> TrainConfig:
             value = {**values.get(name, {}), **{k: v for k, _, v in pairs}}
         values[name] = value
     return TrainConfig(**values)
-
-
-def main(argv=None) -> int:
-    args = vars(build_parser().parse_args(argv))
-    config_file, quickstart = args.pop("config", None), args.pop("quickstart", False)
-    try:
-        base = {}
-        if quickstart:
-            from .quickstart import quickstart_settings
-
-            base = quickstart_settings(args.get("output"))
-        if config_file:
-            base.update(read_toml(config_file))
-        config = config_from_args(args, base)
-        if quickstart:
-            from .quickstart import run_quickstart
-
-            run_quickstart(config)
-        else:
-            from .training import finetune
-
-            finetune(config)
-    except LowrankError as e:
-        from .training import NonFiniteLossError
-
-        print(f"lowrank: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, NonFiniteLossError) else 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

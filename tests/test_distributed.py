@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowrank.distributed import DistInfo
-from lowrank.loss import IGNORE_INDEX
-from lowrank.train_state import latest_checkpoint
-from lowrank.training import TrainConfig, finetune, step_share
+from lowrank.train.distributed import DistInfo
+from lowrank.train.loss import IGNORE_INDEX
+from lowrank.train.state import latest_checkpoint
+from lowrank.train.loop import TrainConfig, finetune, step_share
 from tests.train_helpers import adapter_tensors, cli_env, read_metrics, run_module, tiny_model_dir, write_pretokenized
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

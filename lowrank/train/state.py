@@ -31,8 +31,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, ConfigError
-from .files import read_json_object, write_atomic
+from ..errors import CheckpointError, ConfigError
+from ..files import read_json_object, write_atomic
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Test hook: the process SIGKILLs itself halfway through writing this step's checkpoint

@@ -26,8 +26,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, DataError
-from .loss import IGNORE_INDEX
+from ..errors import ConfigError, DataError
+
+# The label of a position that is not trained (what torch's cross_entropy ignores by default).
+IGNORE_INDEX = -100
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import read_config
-from .errors import CheckpointError, LowrankError
-from .files import write_atomic
-from .models import build_model
+from ..errors import CheckpointError, LowrankError
+from ..files import write_atomic
+from .families import build_model, read_config
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

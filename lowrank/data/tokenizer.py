@@ -23,25 +23,12 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..errors import CheckpointError, ConfigError
 from .chat_template import BUILTIN_TEMPLATES, render_chat
-from .errors import CheckpointError, ConfigError
-from .tokenizer_backends import SentencePieceBackend, TokenizersBackend
+from .tokenizer_backends import AddedTokenSpec, SentencePieceBackend, TokenizersBackend
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")
-
-
-@dataclass(frozen=True)
-class AddedTokenSpec:
-    """One added token as a folder describes it; id is None where the folder leaves it to us."""
-
-    content: str
-    special: bool
-    id: int | None = None
-    lstrip: bool = False
-    rstrip: bool = False
-    single_word: bool = False
-    normalized: bool = False
 
 
 @dataclass

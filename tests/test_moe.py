@@ -155,7 +155,7 @@ def test_config_as_transformers_5_writes_it(checkpoint, tmp_path, name):
         torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-4, rtol=0)
     saved = model.config.to_hf_dict()
     assert "rope_parameters" not in saved and "num_local_experts" not in saved
-    again = lowrank.config.config_from_dict(saved)
+    again = lowrank.models.config_from_dict(saved)
     assert dataclasses.replace(again, hf={}) == dataclasses.replace(model.config, hf={})
 
 
@@ -515,7 +515,7 @@ def test_training_loss_adds_the_router_loss_token_weighted(checkpoint):
     tokens, so dividing by the step's tokens averages the router loss like the LM loss."""
     from transformers.models.qwen2_moe.modeling_qwen2_moe import load_balancing_loss_func
 
-    from lowrank.training import causal_lm_loss
+    from lowrank.train.loop import causal_lm_loss
 
     folder, hf = checkpoint("qwen2-moe")
     model = lowrank.load_model(folder)

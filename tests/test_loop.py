@@ -1,4 +1,4 @@
-"""The training loop (lowrank.training) against references: transformers' LR schedules, and one
+"""The training loop (lowrank.train.loop) against references: one
 optimizer step against a transformers model trained by hand on the same examples, with the loss
 normalised by the trained tokens of the whole step."""
 
@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from lowrank.adapters.peft_format import load_adapter
-from lowrank.checkpoint import load_model
-from lowrank.schedule import lr_at
-from lowrank.training import (NonFiniteLossError, TrainConfig, build_run, epoch_batches, evaluate, finetune,
-                              step_share, train_step)
-from lowrank.train_state import latest_checkpoint
+from lowrank.models.checkpoint import load_model
+from lowrank.train.loop import (NonFiniteLossError, TrainConfig, build_run, epoch_batches, evaluate, finetune,
+                                step_share, train_step)
+from lowrank.train.state import latest_checkpoint
 from tests.conftest import TOL
 from tests.train_helpers import read_metrics, tiny_model_dir, write_pretokenized
 
@@ -32,33 +31,6 @@ def config(setup, **kw):
                 grad_accum=3, shuffle=False, lr_scheduler="constant", lr=1e-3, weight_decay=0.1, max_grad_norm=0.5,
                 max_steps=1, dtype="float32", device="cpu", progress=False, seed=0)
     return TrainConfig(**{**base, **kw})
-
-
-# ---- schedules -------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("schedule,min_lr", [("constant", 0.0), ("linear", 0.0), ("linear", 3e-5), ("cosine", 0.0),
-                                             ("cosine", 3e-5)])
-def test_lr_schedules_match_transformers(schedule, min_lr):
-    from transformers import optimization as hf
-
-    lr, total, warmup = 3e-4, 37, 5
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    make = {
-        "constant": lambda: hf.get_constant_schedule_with_warmup(opt, warmup),
-        "linear": lambda: hf.get_polynomial_decay_schedule_with_warmup(opt, warmup, total, lr_end=min_lr, power=1.0),
-        "cosine": lambda: hf.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr=min_lr),
-    }
-    reference = make[schedule]()
-    for step in range(total):
-        expected = reference.get_last_lr()[0]
-        got = lr_at(step, total, lr, schedule, warmup, min_lr)
-        if step < warmup:
-            # transformers' warmup starts at lr 0 (a step that trains nothing); lowrank's at lr / (warmup + 1).
-            assert got == pytest.approx(lr * (step + 1) / (warmup + 1), rel=1e-12)
-        else:
-            assert got == pytest.approx(expected, rel=1e-9, abs=1e-15), step
-        opt.step()
-        reference.step()
 
 
 # ---- one optimizer step against transformers -------------------------------------------------
@@ -256,7 +228,7 @@ def test_same_seed_same_run_other_seed_other_run(setup, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    import lowrank.training as training
+    import lowrank.train.loop as training
 
     real, calls = training.causal_lm_loss, []
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .files import read_json_object
+from ..errors import CheckpointError
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -211,38 +209,13 @@ def _llama_like(r: _Reader, model_type: str) -> ModelConfig:
     )
 
 
-def _qwen2(r):
+def qwen2(r: _Reader) -> ModelConfig:
     return _llama_like(r, "qwen2")
 
 
-def _qwen3(r):
+def qwen3(r: _Reader) -> ModelConfig:
     return _llama_like(r, "qwen3")
 
 
-def _llama(r):
+def llama(r: _Reader) -> ModelConfig:
     return _llama_like(r, "llama")
-
-
-# The MoE / MLA families' builders live beside their models. Imported here, after the helpers
-# they use: importing lowrank.models imports this module.
-from .models.moe_config import deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe  # noqa: E402
-
-# One function per family.
-FAMILIES = {"qwen2": _qwen2, "qwen3": _qwen3, "llama": _llama, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe,
-            "deepseek_v2": deepseek_v2, "deepseek_v3": deepseek_v3}
-
-
-def config_from_dict(d: dict, source: str = "config.json") -> ModelConfig:
-    r = _Reader(d, source)
-    model_type = r.get("model_type", str)
-    if model_type not in FAMILIES:
-        r.fail("model_type", f"is {model_type!r}; lowrank supports {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type](r)
-
-
-def read_config(folder: str | Path) -> ModelConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no config.json in the model folder")
-    d = read_json_object(path)
-    return config_from_dict(d, str(path))

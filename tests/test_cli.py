@@ -11,7 +11,7 @@ import tomllib
 import pytest
 import torch
 
-from lowrank.train_config import TrainConfig, read_toml
+from lowrank.train.config import TrainConfig, read_toml
 from tests.train_helpers import read_metrics, run_module, tiny_model_dir, write_pretokenized
 
 pytestmark = pytest.mark.filterwarnings("ignore:save_adapter")
@@ -130,9 +130,9 @@ def test_quickstart_builds_trains_saves_and_chats(quickstart):
 
 
 def test_quickstart_tokenizer_and_text_data(quickstart):
-    from lowrank.data import load_dataset
-    from lowrank.quickstart import DATA
-    from lowrank.tokenizer import load_tokenizer
+    from lowrank.data.dataset import load_dataset
+    from lowrank.train.quickstart import DATA
+    from lowrank.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(quickstart[0] / "base-model")
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
@@ -148,7 +148,7 @@ def test_quickstart_tokenizer_and_text_data(quickstart):
 def test_generate_cli_answers_as_the_library_does(quickstart, monkeypatch, capsys):
     import lowrank
     from lowrank.adapters.peft_format import load_adapter
-    from lowrank.tokenizer import load_tokenizer
+    from lowrank.data.tokenizer import load_tokenizer
 
     folder = quickstart[0]
     prompts = ["Who are you?", "hello there"]

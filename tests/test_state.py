@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lowrank.errors import ConfigError
-from lowrank.train_state import latest_checkpoint, prune_checkpoints, truncate_metrics
-from lowrank.training import TrainConfig, finetune
+from lowrank.train.state import latest_checkpoint, prune_checkpoints, truncate_metrics
+from lowrank.train.loop import TrainConfig, finetune
 from tests.train_helpers import adapter_tensors, cli_env, read_metrics, run_module, tiny_model_dir, write_pretokenized
 
 
@@ -65,7 +65,7 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_matches_the_uninterrupte
 
 @pytest.mark.parametrize("method", ["full", "prefix"])
 def test_resume_through_the_python_api_matches(setup, tmp_path, monkeypatch, method):
-    import lowrank.training as training
+    import lowrank.train.loop as training
 
     root, model, data = setup
     base = dict(model=str(model), data=str(data), method=method, batch_size=4, max_steps=5, lr=3e-3,

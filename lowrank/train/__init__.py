@@ -1,0 +1,17 @@
+"""Training: the settings, the loop and what it writes.
+
+- `config.py`: `TrainConfig`, its checks and TOML;
+- `loop.py`: `finetune(config)`, the loop a reader follows top to bottom (`build_run`,
+  `train_step`, `evaluate`);
+- `prepare.py`: what the loop needs before step 0 (the method applied, examples, rows);
+- `loss.py`, `schedule.py`, `distributed.py`, `state.py` (checkpoints and exact resume);
+- `quickstart.py`: the tiny model built on the spot for `--quickstart`;
+- `__main__.py`: the command line, `python -m lowrank.train`.
+"""
+
+from .config import TrainConfig, check_config, read_toml
+from .loop import NonFiniteLossError, TrainResult, finetune
+from .loss import count_trainable_tokens, masked_cross_entropy
+
+__all__ = ["TrainConfig", "check_config", "read_toml", "finetune", "TrainResult", "NonFiniteLossError",
+           "masked_cross_entropy", "count_trainable_tokens"]
