@@ -54,7 +54,12 @@ def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, d
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
-    """x: [..., K]; weight: [N, K] (frozen); bias: [N] or None; lora_a: [r, K]; lora_b: [N, r]."""
+    """x: [..., K]; weight: [N, K] (frozen), a tensor or a quantised weight (nf4.NF4Weight,
+    int8.Int8Weight); bias: [N] or None; lora_a: [r, K]; lora_b: [N, r]."""
+    if not isinstance(weight, torch.Tensor):
+        from .lora_quantized import lora_linear_quantized
+
+        return lora_linear_quantized(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
     _check_shapes(x, [weight], [bias], [lora_a], [lora_b], [scale])
     if not _takes_triton(x, [weight], [bias], [lora_a], [lora_b]):
         return lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
@@ -69,7 +74,12 @@ def lora_linear_merged(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0
     weights, biases, lora_as, lora_bs, scales: one entry per projection (a bias may be None).
     Returns the list of outputs, [..., N_s] each: views into one [..., sum N_s] tensor, so
     reshaping the last dim into heads is free. Equal to separate `lora_linear` calls.
+    The weights may be quantised (nf4.NF4Weight, int8.Int8Weight).
     """
+    if not all(isinstance(w, torch.Tensor) for w in weights):
+        from .lora_quantized import lora_linear_merged_quantized
+
+        return lora_linear_merged_quantized(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
     _check_shapes(x, weights, biases, lora_as, lora_bs, scales)
     if not _takes_triton(x, weights, biases, lora_as, lora_bs):
         return [lora_linear_torch(x, w, b, a, bb, sc, dropout_p, training)
