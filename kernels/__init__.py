@@ -5,9 +5,12 @@ plain torch reference that is the CPU fallback and the test oracle. `dispatch` p
 """
 
 from .dispatch import kernel_choice, use_triton
+from .int8 import Int8Weight, dequantize_int8, quantize_int8
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .lora import lora_linear, lora_linear_merged, lora_linear_merged_reference, lora_linear_reference
+from .nf4 import NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = ["kernel_choice", "use_triton", "lora_linear", "lora_linear_reference",
            "lora_linear_merged", "lora_linear_merged_reference",
-           "linear_cross_entropy", "linear_cross_entropy_reference"]
+           "linear_cross_entropy", "linear_cross_entropy_reference",
+           "NF4Weight", "quantize_nf4", "dequantize_nf4", "Int8Weight", "quantize_int8", "dequantize_int8"]

@@ -24,37 +24,19 @@ dropout seed from torch's CPU generator and rounds p to a multiple of 2^-16.
 """
 
 import torch
-import torch.nn.functional as F
 
 from .dispatch import kernel_choice, use_triton
-
-
-def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
-    """The plain torch computation, as PEFT does it: base matmul, dropout, x@A, @B, scale-and-add."""
-    base = F.linear(x, weight, bias)
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    return base + scale * F.linear(F.linear(h, lora_a), lora_b)
-
-
-def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
-    """The reference with two full-width passes fewer, for devices without the Triton path:
-    the scale goes on the r-wide product instead of the N-wide output, and the low-rank
-    product is added by the same addmm that computes it. Equal to the reference up to rounding."""
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    xa = F.linear(h, lora_a) * scale
-    base = F.linear(x, weight, bias)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t())
-    return out.view(base.shape)
-
-
-def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
-    """Separate reference calls, one per projection."""
-    return [lora_linear_reference(x, w, b, a, bb, s, dropout_p, training)
-            for w, b, a, bb, s in zip(weights, biases, lora_as, lora_bs, scales, strict=True)]
+from .lora_torch import (check_shapes as _check_shapes, lora_linear_merged_reference,  # noqa: F401
+                         lora_linear_reference, lora_linear_torch)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
-    """x: [..., K]; weight: [N, K] (frozen); bias: [N] or None; lora_a: [r, K]; lora_b: [N, r]."""
+    """x: [..., K]; weight: [N, K] (frozen), a tensor or a quantised weight (nf4.NF4Weight,
+    int8.Int8Weight); bias: [N] or None; lora_a: [r, K]; lora_b: [N, r]."""
+    if not isinstance(weight, torch.Tensor):
+        from .lora_quantized import lora_linear_quantized
+
+        return lora_linear_quantized(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
     _check_shapes(x, [weight], [bias], [lora_a], [lora_b], [scale])
     if not _takes_triton(x, [weight], [bias], [lora_a], [lora_b]):
         return lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p, training)
@@ -69,7 +51,12 @@ def lora_linear_merged(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0
     weights, biases, lora_as, lora_bs, scales: one entry per projection (a bias may be None).
     Returns the list of outputs, [..., N_s] each: views into one [..., sum N_s] tensor, so
     reshaping the last dim into heads is free. Equal to separate `lora_linear` calls.
+    The weights may be quantised (nf4.NF4Weight, int8.Int8Weight).
     """
+    if not all(isinstance(w, torch.Tensor) for w in weights):
+        from .lora_quantized import lora_linear_merged_quantized
+
+        return lora_linear_merged_quantized(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
     _check_shapes(x, weights, biases, lora_as, lora_bs, scales)
     if not _takes_triton(x, weights, biases, lora_as, lora_bs):
         return [lora_linear_torch(x, w, b, a, bb, sc, dropout_p, training)
@@ -91,21 +78,3 @@ def _takes_triton(x, weights, biases, lora_as, lora_bs) -> bool:
     if kernel_choice() == "triton":
         raise ValueError(f"LOWRANK_KERNEL=triton, but the LoRA kernels do not take {why}")
     return False  # auto: the reference serves what the kernels do not
-
-
-def _check_shapes(x, weights, biases, lora_as, lora_bs, scales):
-    counts = {len(weights), len(biases), len(lora_as), len(lora_bs), len(scales)}
-    if len(counts) != 1 or not weights:
-        raise ValueError("weights, biases, lora_as, lora_bs and scales need one entry per projection")
-    K = x.shape[-1]
-    for i, (w, b, a, bb) in enumerate(zip(weights, biases, lora_as, lora_bs)):
-        n, r = w.shape[0], a.shape[0]
-        expected = {"weight": (w, (n, K)), "lora_a": (a, (r, K)), "lora_b": (bb, (n, r))}
-        if b is not None:
-            expected["bias"] = (b, (n,))
-        for name, (t, shape) in expected.items():
-            if tuple(t.shape) != shape:
-                raise ValueError(
-                    f"projection {i}: {name} has shape {tuple(t.shape)}, expected {shape} "
-                    f"for x [..., {K}], weight [{n}, {K}], rank {r}"
-                )

@@ -1,0 +1,48 @@
+"""The torch computations of the LoRA linear (see lora.py for the math): PEFT's reference, the
+CPU fallback, and the shape check every path shares. Kept apart from `lora.py`'s dispatch so the
+quantised path (lora_quantized.py), which `lora.py` dispatches to, can use them without a cycle."""
+
+import torch
+import torch.nn.functional as F
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
+    """The plain torch computation, as PEFT does it: base matmul, dropout, x@A, @B, scale-and-add."""
+    base = F.linear(x, weight, bias)
+    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
+    return base + scale * F.linear(F.linear(h, lora_a), lora_b)
+
+
+def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
+    """The reference with two full-width passes fewer, for devices without the Triton path:
+    the scale goes on the r-wide product instead of the N-wide output, and the low-rank
+    product is added by the same addmm that computes it. Equal to the reference up to rounding."""
+    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
+    xa = F.linear(h, lora_a) * scale
+    base = F.linear(x, weight, bias)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t())
+    return out.view(base.shape)
+
+
+def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
+    """Separate reference calls, one per projection."""
+    return [lora_linear_reference(x, w, b, a, bb, s, dropout_p, training)
+            for w, b, a, bb, s in zip(weights, biases, lora_as, lora_bs, scales, strict=True)]
+
+
+def check_shapes(x, weights, biases, lora_as, lora_bs, scales):
+    counts = {len(weights), len(biases), len(lora_as), len(lora_bs), len(scales)}
+    if len(counts) != 1 or not weights:
+        raise ValueError("weights, biases, lora_as, lora_bs and scales need one entry per projection")
+    K = x.shape[-1]
+    for i, (w, b, a, bb) in enumerate(zip(weights, biases, lora_as, lora_bs)):
+        n, r = w.shape[0], a.shape[0]
+        expected = {"weight": (w, (n, K)), "lora_a": (a, (r, K)), "lora_b": (bb, (n, r))}
+        if b is not None:
+            expected["bias"] = (b, (n,))
+        for name, (t, shape) in expected.items():
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"projection {i}: {name} has shape {tuple(t.shape)}, expected {shape} "
+                    f"for x [..., {K}], weight [{n}, {K}], rank {r}"
+                )
