@@ -182,7 +182,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_st
     packing = Packing(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None
     if packing is not None:
         q, k, v, g, beta = (packing.pad(x) for x in (q, k, v, g, beta))
-    if _takes_triton(q, k, v, g, beta, initial_state):
+    if q.shape[1] > 0 and _takes_triton(q, k, v, g, beta, initial_state):  # T = 0: nothing to launch
         from .gated_delta_rule_triton import chunk_gated_delta_rule_triton
 
         o, S = chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state, scale)

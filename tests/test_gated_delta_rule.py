@@ -131,23 +131,17 @@ def test_chunk_size_does_not_change_the_answer():
         assert_matches(S, ref[1], torch.float64)
 
 
-# --- both paths: the contract ----------------------------------------------------------------
-
-
-def path_params():
-    """The torch path always; the Triton path where it runs (GPU, or the interpreter subprocess)."""
-    return [pytest.param("torch", id="torch"),
-            pytest.param("triton", id="triton", marks=needs_triton)]
+# --- the contract, checked on each path (the Triton twins are below) --------------------------
 
 
 def on_path(monkeypatch, path):
+    """LOWRANK_KERNEL for the path; the device its tensors go on."""
     monkeypatch.setenv("LOWRANK_KERNEL", path)
     return DEVICE if path == "triton" else "cpu"
 
 
-@pytest.mark.parametrize("path", ["torch"])
-def test_packed_sequences_equal_separate_calls(monkeypatch, path):
-    _check_packed(monkeypatch, path)
+def test_packed_sequences_equal_separate_calls(monkeypatch):
+    _check_packed(monkeypatch, "torch")
 
 
 def _check_packed(monkeypatch, path):
@@ -181,9 +175,8 @@ def _check_packed(monkeypatch, path):
     assert not torch.equal(S2[0], packed[1][0].detach())
 
 
-@pytest.mark.parametrize("path", ["torch"])
-def test_state_carried_across_two_calls(monkeypatch, path):
-    _check_two_calls(monkeypatch, path)
+def test_state_carried_across_two_calls(monkeypatch):
+    _check_two_calls(monkeypatch, "torch")
 
 
 def _check_two_calls(monkeypatch, path):
@@ -197,9 +190,8 @@ def _check_two_calls(monkeypatch, path):
     assert_matches(second[1], whole[1], torch.float32)
 
 
-@pytest.mark.parametrize("path", ["torch"])
-def test_l2norm_in_kernel(monkeypatch, path):
-    _check_l2norm(monkeypatch, path)
+def test_l2norm_in_kernel(monkeypatch):
+    _check_l2norm(monkeypatch, "torch")
 
 
 def _check_l2norm(monkeypatch, path):
@@ -286,3 +278,65 @@ def test_benchmark_quick_mode_runs(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {row["impl"] for row in rows} >= {"recurrence", "torch-chunked"}
     assert all(row["ms"] > 0 for row in rows)
+
+
+# --- the Triton path ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer a kernel must write in full starts as NaN, so a skipped element fails."""
+    monkeypatch.setattr(gdr_triton, "new_output",
+                        lambda x, *shape, dtype=torch.float32: x.new_full(shape, float("nan"), dtype=dtype))
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "dtype, T, with_state",
+    [
+        pytest.param(torch.float32, 1, True, id="fp32-T1"),
+        pytest.param(torch.float32, 37, False, id="fp32-T37-nostate"),
+        pytest.param(torch.float32, 130, True, id="fp32-T130"),
+        pytest.param(torch.float16, 130, True, id="fp16-T130"),
+    ]
+    + [pytest.param(torch.bfloat16, 130, True, id="bf16-T130")] * (DEVICE == "cuda"),
+)
+def test_triton_matches_recurrence(monkeypatch, poisoned, dtype, T, with_state):
+    monkeypatch.setenv("LOWRANK_KERNEL", "triton")
+    check_against_recurrence(chunk_gated_delta_rule, 1, T, dtype, with_state, seed=T, device=DEVICE)
+
+
+@needs_triton
+def test_triton_packed_sequences_equal_separate_calls(monkeypatch, poisoned):
+    _check_packed(monkeypatch, "triton")
+
+
+@needs_triton
+def test_triton_state_carried_across_two_calls(monkeypatch, poisoned):
+    _check_two_calls(monkeypatch, "triton")
+
+
+@needs_triton
+def test_triton_l2norm_in_kernel(monkeypatch, poisoned):
+    _check_l2norm(monkeypatch, "triton")
+
+
+@needs_triton
+def test_triton_refuses_what_it_cannot_run(monkeypatch):
+    """Forced to Triton, operands the kernels do not take raise and say why (auto falls back)."""
+    monkeypatch.setenv("LOWRANK_KERNEL", "triton")
+    q, k, v, g, beta, _ = cast(make_inputs(1, 5, seed=15), torch.float64, DEVICE, grad=False)
+    with pytest.raises(ValueError, match="do not take dtype torch.float64"):
+        chunk_gated_delta_rule(q, k, v, g, beta)
+    if DEVICE == "cpu":
+        with pytest.raises(ValueError, match="bf16 under Triton's interpreter"):
+            chunk_gated_delta_rule(*(x.bfloat16() for x in (q, k, v)), g, beta)
+    wide = torch.zeros(1, 5, H, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims K = 300"):
+        chunk_gated_delta_rule(wide, wide, v.float(), g.float(), beta.float())
+
+
+def test_interpreter_subprocess():
+    if TRITON_RUNS:
+        pytest.skip("the Triton tests ran in this process")
+    run_triton_tests_interpreted(__file__)
