@@ -129,7 +129,8 @@ def main(argv=None):
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
                 device=torch.cuda.get_device_name() if device == "cuda" else f"cpu, {os.cpu_count()} cores",
                 shape=dict(shape, dtype=str(dtype).removeprefix("torch.")),
-                note="median ms of the repeats after one warm-up; fwd+bwd: grads of q, k, v, g, beta")
+                note="median ms of the repeats after one warm-up; fwd+bwd: grads of q, k, v, g, beta",
+                load_average=os.getloadavg())
     out.write_text(json.dumps(dict(**meta, rows=rows), indent=2) + "\n")
     print(f"wrote {out}")
 
