@@ -177,8 +177,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_st
     """
     _check(q, k, v, g, beta, initial_state, cu_seqlens)
     scale = k.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_qk_l2norm_in_kernel:  # in fp32, before the chunks: autograd carries its gradient
-        q, k = l2norm(q.to(state_dtype(v))).to(q.dtype), l2norm(k.to(state_dtype(v))).to(k.dtype)
+    if use_qk_l2norm_in_kernel:  # in fp32 (kept so), before the chunks: autograd carries its gradient
+        q, k = l2norm(q.to(state_dtype(v))), l2norm(k.to(state_dtype(v)))
     packing = Packing(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None
     if packing is not None:
         q, k, v, g, beta = (packing.pad(x) for x in (q, k, v, g, beta))

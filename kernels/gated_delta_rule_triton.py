@@ -167,6 +167,7 @@ MAX_HEAD_DIM = 256  # a whole K (and, in _wy_kernel, V) row per tile
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """v's dtype decides (q and k may be fp32 l2-normalised copies of bf16 ones)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
@@ -246,15 +247,14 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
 
 def check_supported(q, k, v, g, beta, initial_state) -> str | None:
     """Why the Triton path cannot take these operands, or None when it can."""
-    if v.dtype not in DTYPES:
-        return f"dtype {v.dtype} (the kernels take {', '.join(map(str, DTYPES))})"
-    if v.dtype == torch.bfloat16 and not v.is_cuda:
-        return "bf16 under Triton's interpreter (its tl.dot on bf16 returns garbage in triton 3.9)"
+    for t in (q, k, v):
+        if t.dtype not in DTYPES:
+            return f"dtype {t.dtype} (the kernels take {', '.join(map(str, DTYPES))})"
+        if t.dtype == torch.bfloat16 and not v.is_cuda:
+            return "bf16 under Triton's interpreter (its tl.dot on bf16 returns garbage in triton 3.9)"
     for name, t in (("q", q), ("k", k), ("g", g), ("beta", beta), ("initial_state", initial_state)):
         if t is not None and t.device != v.device:
             return f"{name} on {t.device}, v on {v.device}"
-    if q.dtype != v.dtype or k.dtype != v.dtype:
-        return f"q, k, v of different dtypes ({q.dtype}, {k.dtype}, {v.dtype})"
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dims K = {k.shape[-1]}, V = {v.shape[-1]} (at most {MAX_HEAD_DIM})"
     if v.shape[1] == 0 or v.numel() == 0:
