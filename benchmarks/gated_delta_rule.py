@@ -1,0 +1,139 @@
+"""Time the gated delta rule: the recurrence, the chunked torch path, Triton, and fla if installed.
+
+    python -m benchmarks.gated_delta_rule                       # GPU: Qwen3.5-9B linear-attention shapes, bf16
+    python -m benchmarks.gated_delta_rule --t 4096 --batch 1    # one shape
+    python -m benchmarks.gated_delta_rule --quick               # tiny shape, fp32, CPU (the default without a GPU)
+
+Shapes are one Gated DeltaNet layer of Qwen3.5-9B (config.json: linear_num_value_heads = 32,
+linear_key_head_dim = 128, linear_value_head_dim = 128; the 16 key heads are repeated to the 32
+value heads before the call). Per implementation, forward alone and forward + backward
+(grads of q, k, v, g, beta), median of --reps after a warm-up:
+  recurrence     gated_delta_rule_reference, a token at a time (the spec; skipped for long T)
+  torch-chunked  chunk_gated_delta_rule_torch (the CPU path and fallback)
+  triton         chunk_gated_delta_rule with LOWRANK_KERNEL=triton (CUDA only)
+  fla            fla.ops.gated_delta_rule.chunk_gated_delta_rule, if `fla` imports (CUDA only)
+Writes benchmarks/results/gated_delta_rule-<device>.json.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lowrank.kernels import chunk_gated_delta_rule, gated_delta_rule_reference
+from lowrank.kernels.gated_delta_rule import chunk_gated_delta_rule_torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+QWEN35_9B = dict(heads=32, k=128, v=128)  # linear_num_value_heads, linear_key_head_dim, linear_value_head_dim
+TINY = dict(heads=2, k=32, v=32)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_RECURRENCE_T = 1024  # a token at a time in Python: longer sequences take minutes
+
+
+def make_inputs(batch, t, shape, dtype, device):
+    g = torch.Generator(device).manual_seed(0)
+    H, K, V = shape["heads"], shape["k"], shape["v"]
+    q = torch.randn(batch, t, H, K, device=device, generator=g)
+    k = F.normalize(torch.randn(batch, t, H, K, device=device, generator=g), dim=-1)
+    v = torch.randn(batch, t, H, V, device=device, generator=g)
+    gate = -F.softplus(torch.randn(batch, t, H, device=device, generator=g))
+    beta = torch.rand(batch, t, H, device=device, generator=g)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)] + [x.requires_grad_() for x in (gate, beta)]
+
+
+def implementations(device):
+    def torch_chunked(q, k, v, g, beta):
+        return chunk_gated_delta_rule_torch(q, k, v, g, beta, None, q.shape[-1] ** -0.5)[0]
+
+    impls = {"recurrence": lambda *x: gated_delta_rule_reference(*x)[0],
+             "torch-chunked": torch_chunked}
+    if device == "cuda":
+        def triton_path(*x):
+            os.environ["LOWRANK_KERNEL"] = "triton"
+            try:
+                return chunk_gated_delta_rule(*x)[0]
+            finally:
+                os.environ.pop("LOWRANK_KERNEL")
+
+        impls["triton"] = triton_path
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+            impls["fla"] = lambda *x: fla_chunk(*x)[0]
+        except ImportError:
+            pass
+    return impls
+
+
+def timed(fn, inputs, backward, reps, device):
+    def once():
+        for x in inputs:
+            x.grad = None
+        o = fn(*inputs)
+        if backward:
+            o.float().sum().backward()
+
+    once()  # warm-up: compilation, autotuning, allocator
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        once()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny shape, fp32 (the default without a GPU)")
+    p.add_argument("--t", type=int, nargs="+", help="sequence lengths (default 1024 4096, quick: 100)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPES)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
+    quick = args.quick or device == "cpu"
+    shape = TINY if quick else QWEN35_9B
+    lengths = args.t or ([100] if quick else [1024, 4096])
+    dtype = DTYPES[args.dtype or ("fp32" if quick else "bf16")]
+
+    rows = []
+    for t in lengths:
+        inputs = make_inputs(args.batch, t, shape, dtype, device)
+        for name, fn in implementations(device).items():
+            if name == "recurrence" and t > MAX_RECURRENCE_T:
+                continue
+            for backward in (False, True):
+                ms = timed(fn, inputs, backward, args.reps, device)
+                rows.append(dict(impl=name, T=t, batch=args.batch, backward=backward, ms=ms,
+                                 tokens_per_s=args.batch * t / ms * 1e3))
+
+    print(f"heads={shape['heads']} K={shape['k']} V={shape['v']} batch={args.batch} "
+          f"{str(dtype).removeprefix('torch.')} on {device}")
+    print(f"{'impl':14} {'T':>6} {'pass':>8} {'ms':>10} {'tokens/s':>12}")
+    for r in rows:
+        print(f"{r['impl']:14} {r['T']:>6} {'fwd+bwd' if r['backward'] else 'fwd':>8} {r['ms']:>10.2f} "
+              f"{r['tokens_per_s']:>12.0f}")
+    out = args.out or RESULTS / f"gated_delta_rule-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,
+                device=torch.cuda.get_device_name() if device == "cuda" else f"cpu, {os.cpu_count()} cores",
+                shape=dict(shape, dtype=str(dtype).removeprefix("torch.")),
+                note="median ms of the repeats after one warm-up; fwd+bwd: grads of q, k, v, g, beta",
+                load_average=os.getloadavg())
+    out.write_text(json.dumps(dict(**meta, rows=rows), indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
