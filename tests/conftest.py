@@ -1,9 +1,15 @@
 """Shared test fixtures: where ../shared is, and the tolerances every numeric test uses."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# The token cache of every load in the tests (and their subprocesses) goes to a fresh folder,
+# never the user's ~/.cache/lowrank.
+os.environ["LOWRANK_CACHE"] = tempfile.mkdtemp(prefix="lowrank-test-cache-")
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -17,6 +23,14 @@ TOL = {
     torch.float16: dict(atol=1e-2, rtol=1e-2),
     torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
 }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cache():
+    yield
+    import shutil
+
+    shutil.rmtree(os.environ["LOWRANK_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from lowrank.data.dataset import load_dataset
 from lowrank.data.tokenizer import load_tokenizer
 from lowrank.errors import ConfigError, DataError
 from lowrank.train.loss import masked_cross_entropy
+from tests import reference_batching as reference
 
 QWEN = FIXTURES / "tokenizers" / "qwen2.5-instruct"
 IDENTITY = {"name": "Lowrank", "author": "the lowrank team"}
@@ -135,3 +136,29 @@ def test_packed_losses_equal_unpacked_losses():
                     model(torch.tensor([e["input_ids"]]), torch.arange(n)[None], torch.ones(1, n, dtype=torch.long)),
                     torch.tensor([e["labels"]]))
                 torch.testing.assert_close(packed, alone, **TOL[torch.float64])
+
+
+# ---- the array-backed plan against the list code it replaced (tests/reference_batching.py) -------
+
+def same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.fixture(scope="module")
+def alpaca(qwen):
+    examples, _ = load_dataset(DATA / "alpaca_en_demo.json", qwen, 256)
+    return examples
+
+
+@pytest.mark.parametrize("options", [dict(shuffle=True), dict(shuffle=False), dict(group_by_length=True),
+                                     dict(packing=True, max_len=512), dict(packing=True, max_len=300, shuffle=False)])
+def test_batches_equal_the_list_code_on_the_shipped_data(alpaca, options):
+    listed = list(alpaca)
+    for seed in (0, 7):
+        kw = dict(seed=seed, **options)
+        same_batches(make_batches(alpaca, 4, 151643, **kw), reference.make_batches(listed, 4, 151643, **kw))
+    lengths = [len(e["input_ids"]) for e in listed]
+    assert length_grouped_order(lengths, 3, seed=5) == reference.length_grouped_order(lengths, 3, seed=5)
+    assert pack(alpaca, 700) == reference.pack(listed, 700)

@@ -244,3 +244,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_pat
     assert latest_checkpoint(tmp_path / "out" / "checkpoints").name == "step-2"
     assert [r["step"] for r in read_metrics(cfg.output)[0]] == [1, 2]
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ---- the epoch's batches: the lazy plan over the token cache gives the list code's batches ----------
+
+@pytest.fixture(scope="module")
+def alpaca(tmp_path_factory):
+    """The shipped alpaca data tokenized without cache, as a list; and a cache folder for build_run."""
+    from lowrank.data.dataset import load_dataset
+    from lowrank.data.tokenizer import load_tokenizer
+    from tests.conftest import DATA, FIXTURES
+
+    qwen, data = FIXTURES / "tokenizers" / "qwen2.5-instruct", DATA / "alpaca_en_demo.json"
+    examples = list(load_dataset(data, load_tokenizer(qwen), 256)[0])
+    return dict(data=str(data), tokenizer=str(qwen), data_cache=str(tmp_path_factory.mktemp("cache"))), examples
+
+
+@pytest.mark.parametrize("options", [dict(group_by_length=True), dict(packing=True),
+                                     dict(packing=True, shuffle=False)])
+def test_epoch_batches_and_eval_split_are_those_of_the_list_code(setup, alpaca, options):
+    from tests import reference_batching as reference
+    from tests.test_batching import same_batches
+
+    paths, examples = alpaca
+    cfg = config(setup, **{**paths, **dict(max_len=256, batch_size=4, grad_accum=1, shuffle=True, eval_split=0.1,
+                                           seed=2), **options})
+    run = build_run(cfg)
+    train, evals = reference.split_examples(examples, cfg.eval_split, cfg.seed)
+    assert list(run.train_examples) == train and list(run.eval_examples) == evals
+    rows = reference.pack_rows(train, cfg.max_len, cfg.seed, cfg.shuffle) if cfg.packing else None
+    for epoch in (0, 1):
+        same_batches(epoch_batches(run, epoch), reference.epoch_batches(train, cfg, run.pad_id, rows, epoch))

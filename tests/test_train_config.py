@@ -84,3 +84,9 @@ def test_bad_module_lists_are_config_errors(tmp_path):
         TrainConfig(**RUN, target_modules="q_proj|v_proj")  # a regex: LoraConfig takes it, TrainConfig a list
     with pytest.raises(ConfigError, match="target_modules"):
         toml(tmp_path, "target_modules = 3")
+
+
+def test_data_cache_flags(tmp_path):
+    assert flags().data_cache == "auto"
+    assert flags("--data-cache", "/tmp/c").data_cache == "/tmp/c"
+    assert flags("--no-data-cache").data_cache == "off" == toml(tmp_path, 'data_cache = "off"').data_cache

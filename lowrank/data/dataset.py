@@ -21,15 +21,17 @@ trained in an example of its own that ends with it, so one record can give sever
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+import numpy as np
 
-# The label of a position that is not trained (what torch's cross_entropy ignores by default).
-IGNORE_INDEX = -100
+from ..errors import ConfigError, DataError
+from . import cache, fast_tokenize
+from .examples import IGNORE_INDEX, Examples, ExampleWriter
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -47,6 +49,8 @@ class DataReport:
     n_skipped: int = 0  # examples left with no trained token (after truncation), dropped
     n_tokens: int = 0
     n_trainable_tokens: int = 0  # labels that enter the loss (shifted: labels[1:] != -100)
+    cache: str | None = None  # the token cache folder, when the load used one
+    from_cache: bool = False  # mapped from an existing cache entry (not tokenized by this load)
 
     def summary(self) -> str:
         return (f"{self.path}: {self.n_records} records -> {self.n_examples} examples "
@@ -55,48 +59,98 @@ class DataReport:
 
 
 def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
-                 replacements: dict[str, str] | None = None, system: str | None = None):
+                 replacements: dict[str, str] | None = None, system: str | None = None,
+                 cache_dir=None) -> tuple[Examples, DataReport]:
     """Read, validate and tokenize a data file: (examples, DataReport).
 
-    Each example is {"input_ids": [...], "labels": [...]} of at most max_len tokens.
+    Each example is {"input_ids": [...], "labels": [...]} of at most max_len tokens; `examples`
+    is a sequence of them backed by flat arrays (lowrank.data.examples).
     replacements: {"name": "Lowrank"} turns every "{{name}}" in the text into "Lowrank".
     system: a system prompt for the text records that carry none (or an empty one).
+    cache_dir: keep the tokenised examples in a cache folder there (lowrank.data.cache) and map
+    them on later loads; None tokenizes in memory.
     Any bad record raises DataError naming the file and record index, before training starts.
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on={train_on!r}: expected one of {TRAIN_ON}")
     if not isinstance(max_len, int) or max_len < 2:
         raise ConfigError(f"max_len={max_len!r}: expected an int >= 2")
-    records = read_records(path)
-    report = DataReport(path=str(path), n_records=len(records))
-    examples = []
-    for index, record in enumerate(records):
-        try:
-            if "input_ids" in record:
-                found = [pretokenized_example(record, len(tokenizer))]
-            else:
-                messages = record_to_messages(record, replacements, system)
-                found = tokenize_conversation(messages, tokenizer, train_on)
-        except DataError as e:
-            raise DataError(f"{path}: record {index}: {e}") from None
-        if not found:
-            report.n_skipped += 1
-        for example in found:
-            if len(example["input_ids"]) > max_len:
-                example = {key: value[:max_len] for key, value in example.items()}
-                report.n_truncated += 1
-            trainable = count_trainable(example["labels"])
-            if trainable == 0:
-                report.n_skipped += 1
-                continue
-            examples.append(example)
-            report.n_tokens += len(example["input_ids"])
-            report.n_trainable_tokens += trainable
-    report.n_examples = len(examples)
-    if not examples:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+
+    def build(writer) -> dict:
+        report = tokenize_records(path, read_records(path), tokenizer, max_len, writer, train_on=train_on,
+                                  replacements=replacements, system=system)
+        return dataclasses.asdict(report)
+
+    fingerprint = cache.tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
+    if fingerprint is None:
+        writer = ExampleWriter()
+        report = DataReport(**build(writer))
+        examples = writer.in_memory()
+    else:
+        parts = {"data": cache.file_digest(path), "suffix": path.suffix, "tokenizer": fingerprint,
+                 "max_len": max_len, "train_on": train_on, "replacements": dict(sorted((replacements or {}).items())),
+                 "system": system}
+        folder = Path(cache_dir) / f"{path.stem}-{cache.cache_key(parts)}"
+        examples, fields, built = cache.load_or_build(folder, parts, build)
+        report = DataReport(**{**fields, "path": str(path), "cache": str(folder), "from_cache": not built})
+    if not len(examples):
         raise DataError(f"{path}: every example was skipped (no assistant token left within max_len={max_len}); "
                         f"{report.summary()}")
     return examples, report
+
+
+# Records per encode_batch call: enough for the tokenizer's threads, few enough to stay small.
+CHUNK = 2048
+
+
+def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer: ExampleWriter, *,
+                     train_on: str = "all_turns", replacements=None, system=None) -> DataReport:
+    """Tokenize `records` into `writer` (truncated at max_len, untrained ones dropped): the report."""
+    report = DataReport(path=str(path), n_records=len(records))
+    labeler = fast_tokenize.BatchLabeler(tokenizer) if fast_tokenize.supports(tokenizer) else None
+    for chunk in range(0, len(records), CHUNK):
+        found, texts = [], []  # per record: its examples, or indices into texts (rendered, not yet encoded)
+        for index in range(chunk, min(chunk + CHUNK, len(records))):
+            record = records[index]
+            try:
+                if "input_ids" in record:
+                    found.append([pretokenized_example(record, len(tokenizer))])
+                else:
+                    messages = record_to_messages(record, replacements, system)
+                    if labeler is None:
+                        found.append(tokenize_conversation(messages, tokenizer, train_on))
+                    else:
+                        spans = conversation_spans(messages, tokenizer, train_on)
+                        found.append(list(range(len(texts), len(texts) + len(spans))))
+                        texts += spans
+            except DataError as e:
+                raise DataError(f"{path}: record {index}: {e}") from None
+        encoded = labeler.label(texts) if texts else []
+        for examples in found:
+            if not examples:
+                report.n_skipped += 1
+            for example in examples:
+                if isinstance(example, int):
+                    ids, trained, labels = *encoded[example], None
+                else:
+                    ids, labels = np.array(example["input_ids"]), np.array(example["labels"])
+                    trained = labels != IGNORE_INDEX
+                if len(ids) > max_len:
+                    ids, trained = ids[:max_len], trained[:max_len]
+                    labels = None if labels is None else labels[:max_len]
+                    report.n_truncated += 1
+                trainable = int(trained[1:].sum())  # the first position is never predicted
+                if trainable == 0:
+                    report.n_skipped += 1
+                    continue
+                writer.add(ids, trained, labels)
+                report.n_examples += 1
+                report.n_tokens += len(ids)
+                report.n_trainable_tokens += trainable
+    return report
 
 
 def count_trainable(labels: list[int]) -> int:
@@ -230,8 +284,14 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on: str = "all_
     """Render and tokenize a conversation; labels keep the trained assistant tokens, -100 elsewhere.
 
     Returns one example, or more when the template rewrites earlier turns (see the module doc);
-    none when the conversation has no assistant message.
+    none when the conversation has no assistant message. One record at a time: the reference that
+    lowrank.data.fast_tokenize computes in batches, and the path of SentencePiece tokenizers.
     """
+    return [_label_spans(text, spans, tokenizer) for text, spans in conversation_spans(messages, tokenizer, train_on)]
+
+
+def conversation_spans(messages: list[dict], tokenizer, train_on: str = "all_turns") -> list[tuple[str, list]]:
+    """The texts to tokenize for a conversation, each with its trained character spans."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         return []
@@ -246,13 +306,14 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on: str = "all_
     full = render(messages, False)
     spans: dict[str, list[tuple[int, int]]] = {full: []}  # rendered text -> trained character spans
     for i in turns:
-        prompt, text = render(messages[:i], True), render(messages[: i + 1], False)
+        prompt = render(messages[:i], True)
+        text = full if i + 1 == len(messages) else render(messages[: i + 1], False)
         # Where the generation prompt stops matching, the answer starts: this also holds for
         # templates whose generation prompt writes a token the rendered turn lacks.
         start = len(os.path.commonprefix([prompt, text]))
         end = _end_of_turn(text, start, special)
         spans.setdefault(full if full.startswith(text) else text, []).append((start, end))
-    return [_label_spans(text, text_spans, tokenizer) for text, text_spans in spans.items() if text_spans]
+    return [(text, text_spans) for text, text_spans in spans.items() if text_spans]
 
 
 def _end_of_turn(text: str, start: int, special: set[str]) -> int:

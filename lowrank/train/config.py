@@ -75,6 +75,9 @@ class TrainConfig:
     eval_data: str | None = _f(None, "evaluation file (same formats as --data)", "data")
     eval_split: float = _f(0.0, "hold out this fraction of --data for evaluation (when no --eval-data)", "data")
     eval_every: int = _f(0, "evaluate every N steps (0: at the end only); needs eval data", "data")
+    data_cache: str = _f("auto", "folder of the token cache, tokenised data kept for later runs and ranks ('auto': "
+                         "$LOWRANK_CACHE/datasets or ~/.cache/lowrank/datasets; 'off' or --no-data-cache: none)",
+                         "data", off="off")
     # ---- optimization
     lr: float | None = _f(None, "peak learning rate (default by method: " +
                           ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")

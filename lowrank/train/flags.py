@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(*flags, type={"int": int, "float": float}.get(kind, str),
                                choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else
                                name.upper(), **kw)
+        if "off" in f.metadata:  # --no-data-cache: the field's "off" value
+            group.add_argument("--no-" + flags[0][2:], action="store_const", const=f.metadata["off"], dest=name,
+                               default=argparse.SUPPRESS, help=f"same as {flags[0]} {f.metadata['off']}")
     return parser
 
 

@@ -28,15 +28,18 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed as dist
-from ..data.batching import collate_packed, make_batches
+from ..data.batching import Batches, IndexGroups, batch_sequence
+from ..data.examples import example_lengths
 from ..models.checkpoint import load_model, save_model
 from ..errors import ConfigError, LowrankError
 from ..files import write_atomic
@@ -63,15 +66,15 @@ class Run:
     config: TrainConfig
     model: torch.nn.Module  # the lowrank model, adapters applied
     tokenizer: object
-    train_examples: list[dict]
-    eval_examples: list[dict]
+    train_examples: Sequence[dict]  # lowrank.data.examples.Examples from build_run; any list of examples works
+    eval_examples: Sequence[dict]
     loss_module: torch.nn.Module  # LossModule(model), wrapped for data parallelism when distributed
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     autocast_dtype: torch.dtype | None  # None: no autocast (fp32)
     dist: dist.DistInfo
     pad_id: int
-    packed_rows: list[list[int]] | None  # with packing: the example indices of each row
+    packed_rows: IndexGroups | None  # with packing: the example indices of each row
     steps_per_epoch: int
     total_steps: int
     warmup: int
@@ -178,21 +181,22 @@ class LossModule(torch.nn.Module):
 
 # ---- 2. batches -----------------------------------------------------------------------------------
 
-def epoch_batches(run: Run, epoch: int) -> list[dict]:
-    """The micro-batches of one epoch over all processes, in order (every process builds the same list).
+def epoch_batches(run: Run, epoch: int) -> Batches:
+    """The micro-batches of one epoch over all processes, in order (every process builds the same
+    plan); each is collated when indexed, so a step makes only its own.
 
     Packed rows are formed once per run and only their order changes by epoch: packing a fresh
     order each epoch would change the number of rows, hence of steps, from epoch to epoch.
     """
     cfg = run.config
     if not cfg.packing:
-        return make_batches(run.train_examples, cfg.batch_size, run.pad_id, seed=cfg.seed + epoch,
-                            shuffle=cfg.shuffle, group_by_length=cfg.group_by_length)
-    rows = [[run.train_examples[i] for i in row] for row in run.packed_rows]
+        return batch_sequence(run.train_examples, cfg.batch_size, run.pad_id, seed=cfg.seed + epoch,
+                              shuffle=cfg.shuffle, group_by_length=cfg.group_by_length)
+    order = np.arange(len(run.packed_rows))
     if cfg.shuffle:
-        rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed + epoch))]
-    return [collate_packed(rows[i:i + cfg.batch_size], run.pad_id, cfg.max_len)
-            for i in range(0, len(rows), cfg.batch_size)]
+        order = torch.randperm(len(order), generator=torch.Generator().manual_seed(cfg.seed + epoch)).numpy()
+    return Batches(run.train_examples, IndexGroups.chunks(order, cfg.batch_size), run.pad_id, run.packed_rows,
+                   cfg.max_len)
 
 
 def step_share(run: Run, batches: list[dict], k: int) -> list[dict]:
@@ -205,9 +209,11 @@ def step_share(run: Run, batches: list[dict], k: int) -> list[dict]:
     gradient all-reduce while adding nothing.
     """
     per_step = run.config.grad_accum * run.dist.world_size
-    mine = batches[k * per_step:(k + 1) * per_step][run.dist.rank::run.dist.world_size]
+    share = range(k * per_step, min((k + 1) * per_step, len(batches)))[run.dist.rank::run.dist.world_size]
+    mine = [batches[i] for i in share]  # one by one: epoch_batches collates only what is indexed
     if not mine:
-        mine = [dict(batches[k * per_step], labels=torch.full_like(batches[k * per_step]["labels"], IGNORE_INDEX))]
+        first = batches[k * per_step]
+        mine = [dict(first, labels=torch.full_like(first["labels"], IGNORE_INDEX))]
     return mine
 
 
@@ -266,8 +272,8 @@ def _autocast(run: Run):
 def evaluate(run: Run) -> dict:
     """Token-weighted loss and perplexity over the eval examples (shared out across processes)."""
     cfg, info = run.config, run.dist
-    batches = make_batches(run.eval_examples, cfg.batch_size, run.pad_id, shuffle=False, packing=cfg.packing,
-                           max_len=cfg.max_len)
+    batches = batch_sequence(run.eval_examples, cfg.batch_size, run.pad_id, shuffle=False, packing=cfg.packing,
+                             max_len=cfg.max_len)
     totals = torch.zeros(2, dtype=torch.float64, device=run.device)
     run.model.eval()
     try:
@@ -379,7 +385,7 @@ def _fingerprint(run: Run) -> dict:
     return {"method": cfg.method, "batch_size": cfg.batch_size, "micro_batches_per_step": cfg.grad_accum *
             run.dist.world_size, "seed": cfg.seed, "shuffle": cfg.shuffle, "packing": cfg.packing,
             "group_by_length": cfg.group_by_length, "max_len": cfg.max_len, "examples": len(run.train_examples),
-            "tokens": sum(len(e["input_ids"]) for e in run.train_examples)}
+            "tokens": int(example_lengths(run.train_examples).sum())}
 
 
 def _save_checkpoint(run: Run, folder: Path, step: int) -> None:

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..data.batching import pack
+from ..data.batching import IndexGroups, pack_lengths
+from ..data.cache import default_cache_dir
 from ..data.dataset import load_dataset
+from ..data.examples import Examples, example_lengths
 from ..errors import CheckpointError, ConfigError, DataError
 from .config import TrainConfig
 
@@ -82,26 +85,28 @@ def load_tokenizer_for(cfg: TrainConfig):
     return load_tokenizer(folder, chat_template=cfg.chat_template)
 
 
-def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples]:
     """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
-    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system)
+    cache_dir = None if cfg.data_cache == "off" else default_cache_dir() if cfg.data_cache == "auto" else cfg.data_cache
+    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system, cache_dir=cache_dir)
     train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
         return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
     if not cfg.eval_split:
-        return train, []
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        return train, train.subset([])
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = max(1, round(cfg.eval_split * len(train)))
     if n_eval >= len(train):
         raise ConfigError(f"eval_split={cfg.eval_split} leaves no training example of {len(train)}")
-    held = set(order[:n_eval])
-    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    held = np.zeros(len(train), dtype=bool)
+    held[order[:n_eval].numpy()] = True
+    return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
 
 
-def pack_rows(examples: list[dict], cfg: TrainConfig) -> list[list[int]]:
+def pack_rows(examples, cfg: TrainConfig) -> IndexGroups:
     """Example indices of each packed row, packed once per run in a seeded order (see epoch_batches)."""
-    order = list(range(len(examples)))
+    order = np.arange(len(examples))
     if cfg.shuffle:
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    return [[order[i] for i in row] for row in pack([examples[i] for i in order], cfg.max_len)]
-
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).numpy()
+    rows = pack_lengths(example_lengths(examples)[order], cfg.max_len)
+    return IndexGroups(order[rows.flat], rows.bounds)
