@@ -23,7 +23,7 @@ from lowrank.kernels.nf4 import NESTED_BLOCKSIZE, dynamic_code
 from lowrank.models import read_config
 from lowrank.models.checkpoint import load_model, save_model
 from lowrank.models.quantized import QuantizedLinear, quantized_modules
-from tests.conftest import TOL, make_hf_checkpoint, real_config, shrink
+from tests.conftest import TOL, make_bnb_checkpoint, make_hf_checkpoint, real_config, shrink
 
 F32 = TOL[torch.float32]
 
@@ -35,33 +35,23 @@ def dense(tmp_path_factory):
     return folder
 
 
-def bnb_folder(dense, folder, **bnb):
-    """Quantise `dense` with transformers + bitsandbytes and save it; returns the quantised transformers model."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    q = BitsAndBytesConfig(**bnb, bnb_4bit_compute_dtype=torch.float32)
-    hf = AutoModelForCausalLM.from_pretrained(dense, quantization_config=q, device_map="cpu")
-    hf.save_pretrained(folder)
-    return hf.eval()
-
-
 @pytest.fixture(scope="module")
 def nf4_dq(dense, tmp_path_factory):
     folder = tmp_path_factory.mktemp("nf4-dq")
-    return folder, bnb_folder(dense, folder, load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    return folder, make_bnb_checkpoint(dense, folder, load_in_4bit=True, bnb_4bit_quant_type="nf4",
                               bnb_4bit_use_double_quant=True)
 
 
 @pytest.fixture(scope="module")
 def nf4_plain(dense, tmp_path_factory):
     folder = tmp_path_factory.mktemp("nf4")
-    return folder, bnb_folder(dense, folder, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    return folder, make_bnb_checkpoint(dense, folder, load_in_4bit=True, bnb_4bit_quant_type="nf4")
 
 
 @pytest.fixture(scope="module")
 def int8_folder(dense, tmp_path_factory):
     folder = tmp_path_factory.mktemp("int8")
-    return folder, bnb_folder(dense, folder, load_in_8bit=True)
+    return folder, make_bnb_checkpoint(dense, folder, load_in_8bit=True)
 
 
 def tokens(seed=0, shape=(3, 11)):
@@ -103,7 +93,7 @@ def test_int8_folder_dequantises_to_scb_scaled_int8_and_computes_with_those_weig
 
 
 def test_skip_modules_stay_full_precision(dense, tmp_path):
-    hf = bnb_folder(dense, tmp_path / "q", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    hf = make_bnb_checkpoint(dense, tmp_path / "q", load_in_4bit=True, bnb_4bit_quant_type="nf4",
                     llm_int8_skip_modules=["lm_head", "o_proj"])
     model = load_model(tmp_path / "q").eval()
     o_proj = model.model.layers[1].self_attn.o_proj
@@ -193,7 +183,7 @@ def test_a_dequantised_model_saves_without_quantization_config(nf4_dq, tmp_path)
 
 
 def test_fp4_folder_is_refused_naming_fp4(dense, tmp_path):
-    bnb_folder(dense, tmp_path / "fp4", load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    make_bnb_checkpoint(dense, tmp_path / "fp4", load_in_4bit=True, bnb_4bit_quant_type="fp4")
     with pytest.raises(CheckpointError, match=r"config\.json: key 'quantization_config' .*'fp4'"):
         load_model(tmp_path / "fp4")
     # The tensors alone say so too, should the config be edited.

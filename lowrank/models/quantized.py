@@ -102,6 +102,12 @@ class QuantizedLinear(nn.Module):
         if tuple(q.shape) != (self.out_features, self.in_features):
             error_msgs.append(f"{prefix}weight: shape {list(q.shape)}, expected [{self.out_features}, {self.in_features}]")
             return
+        if self.format == "nf4":
+            if q.double_quant != (self.nested_absmax is not None) or q.blocksize != self.blocksize:
+                error_msgs.append(f"{prefix}weight: blocksize {q.blocksize}, double quantised {q.double_quant}; "
+                                  f"this layer has {self.blocksize}, {self.nested_absmax is not None}")
+                return
+            self.nested_offset = q.nested_offset
         for name, t in _buffers(q).items():
             getattr(self, name).copy_(t)
         if self.bias is not None and prefix + "bias" in state_dict:
