@@ -142,6 +142,16 @@ def _matmul_fp32(a, b):
     return a @ b
 
 
+def _head_blocks(weight, compute, half_gemm):
+    """(start, W[start:end] in the GEMM's dtype) over the head's vocabulary rows. Where no
+    fp32-output GEMM takes half inputs (CPUs), a half W is upcast one block at a time, since a
+    whole fp32 copy would be V * H * 4 bytes (2.2 GB for Qwen2.5-7B's head, on top of its bf16)."""
+    if half_gemm or weight.dtype == compute:
+        return [(0, weight)]
+    rows = max(1, _CHUNK_BYTES // (4 * weight.shape[1]))
+    return ((v, weight[v : v + rows].to(compute)) for v in range(0, weight.shape[0], rows))
+
+
 def _default_chunk_size(vocab):
     """The largest power of two of rows whose fp32 logits fit in _CHUNK_BYTES."""
     rows = max(1, _CHUNK_BYTES // (4 * vocab))
@@ -157,9 +167,8 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
     N, H = hidden.shape
     V = weight.shape[0]
     compute = torch.promote_types(hidden.dtype, torch.float32)
-    # Half inputs: cuBLAS emits fp32 logits directly; elsewhere keep one upcast copy of W.
+    # Half inputs: cuBLAS emits fp32 logits directly; elsewhere W is upcast block by block.
     half_gemm = hidden.dtype != compute and _fp32_out_gemm(hidden)
-    w = weight if half_gemm else weight.to(compute)
     b = None if bias is None else bias.to(compute)
     # The kernel computes in fp32; fp64 (a test dtype) takes the torch step.
     triton_step = triton_step and compute == torch.float32
@@ -177,12 +186,20 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
     grad_b = torch.zeros(V, **new) if needs[2] else None
     for s in range(0, n, chunk):
         h_c = h[s : s + chunk] if half_gemm else h[s : s + chunk].to(compute)
-        z = _matmul_fp32(h_c, w.t())
+        blocks = _head_blocks(weight, compute, half_gemm)
+        if isinstance(blocks, list):  # one block: no copy of the logits
+            z = _matmul_fp32(h_c, blocks[0][1].t())
+        else:
+            z = torch.empty(h_c.shape[0], V, **new)
+            for v, w in blocks:
+                z[:, v : v + w.shape[0]] = _matmul_fp32(h_c, w.t())
         if b is not None:
             z += b
         step(z, y[s : s + chunk], loss_rows[s : s + chunk])
         if grad_h is not None:
-            grad_h[s : s + chunk] = z.to(w.dtype) @ w
+            g = grad_h[s : s + chunk].zero_()
+            for v, w in _head_blocks(weight, compute, half_gemm):
+                g += z[:, v : v + w.shape[0]].to(w.dtype) @ w
         if grad_w is not None:
             grad_w.addmm_(z.t(), h_c.to(compute))
         if grad_b is not None:

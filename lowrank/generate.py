@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype: auto is the checkpoint's on GPU, float32 on the CPU (default: auto)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    p.add_argument("--quantize", choices=("nf4", "int8"), help="store the decoder layers' projections quantised as "
+                   "they load (a bitsandbytes-quantised folder loads quantised anyway)")
     return p
 
 
@@ -68,7 +70,7 @@ def answers(args):
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     if dtype is None and device.type == "cpu":
         dtype = torch.float32  # half-precision matmuls are slow on most CPUs
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, quantize=args.quantize)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.adapter:
         from pathlib import Path

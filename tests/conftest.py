@@ -116,6 +116,18 @@ def make_hf_checkpoint(folder, config: dict, layout: str = "5.x", max_shard_size
     return model
 
 
+def make_bnb_checkpoint(dense, folder, **bnb):
+    """Quantise the folder `dense` with transformers + bitsandbytes (on the CPU) as users do, save it
+    to `folder` with save_pretrained and return the quantised transformers model (eval mode).
+    bnb: BitsAndBytesConfig's arguments; the compute dtype is fp32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(**bnb, bnb_4bit_compute_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(dense, quantization_config=q, device_map="cpu")
+    hf.save_pretrained(folder)
+    return hf.eval()
+
+
 @pytest.fixture(scope="module")
 def untied(tmp_path_factory):
     """Qwen2.5-7B's structure (q/k/v biases, untied head), shrunk: (folder, transformers model),

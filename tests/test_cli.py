@@ -43,6 +43,8 @@ BAD = {
     "bad replace": (["--replace", "name"], r"--replace 'name': expected KEY=VALUE"),
     "eval split": (["--eval-split", "1.5"], r"eval_split=1.5: expected a fraction in \[0, 1\)"),
     "lora flag on prefix": (["--method", "prefix", "--init-adapter", "{root}"], r"init_adapter is for method='lora'"),
+    "quantize fp4": (["--quantize", "fp4"], r"--quantize: invalid choice: 'fp4'"),
+    "quantized full": (["--method", "full", "--quantize", "nf4"], r"quantize='nf4' with method='full': a quantised"),
 }
 
 
@@ -165,6 +167,24 @@ def test_generate_cli_answers_as_the_library_does(quickstart, monkeypatch, capsy
         expected.append(tok.decode(new.tolist(), skip_special_tokens=True).strip())
     assert out == "".join(answer + "\n" for answer in expected)
 
+    # --quantize: the answers of the library's model loaded quantised.
+    status, out, err = cli("lowrank.generate", args + ["--prompt", prompts[0], "--quantize", "nf4"], monkeypatch, capsys)
+    assert status == 0, err
+    model = load_adapter(lowrank.load_model(folder / "base-model", quantize="nf4"), folder / "adapter")
+    ids = tok.apply_chat_template([{"role": "user", "content": prompts[0]}], add_generation_prompt=True, tokenize=True)
+    new = lowrank.generate(model, torch.tensor(ids), 24, eos_token_id=tok.eos_token_id)[len(ids):]
+    assert out == tok.decode(new.tolist(), skip_special_tokens=True).strip() + "\n"
+
     status, _, err = cli("lowrank.generate", ["--model", folder / "base-model", "--adapter", folder / "base-model",
                                               "--prompt", "hi"], monkeypatch, capsys)
     assert status == 2 and "a whole model (a freeze or full fine-tune), not an adapter" in err
+
+
+def test_train_quantize_flag_trains_lora_on_a_quantised_base(setup, tmp_path, monkeypatch, capsys):
+    root, model, data = setup
+    args = ["--model", model, "--data", data, "--output", tmp_path / "out", "--max-steps", "1", "--no-progress",
+            "--quantize", "int8", "--lora-r", "2"]
+    status, out, err = cli("lowrank.train", args, monkeypatch, capsys)
+    assert status == 0, err
+    assert 'quantize = "int8"' in (tmp_path / "out" / "run.toml").read_text()
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()

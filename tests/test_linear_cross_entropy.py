@@ -99,6 +99,14 @@ def test_matches_full_logits(monkeypatch, dtype, train_weight, chunk_size):
     check_against_reference(dtype, train_weight, with_bias=False, chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trained_head", "frozen_head"])
+def test_half_head_upcast_block_by_block(monkeypatch, train_weight):
+    # 24 * 4 * 10 bytes: blocks of 10 vocabulary rows (the last one short) instead of an fp32 copy of W.
+    monkeypatch.setenv("LOWRANK_KERNEL", "torch")
+    monkeypatch.setattr(lce, "_CHUNK_BYTES", H * 4 * 10)
+    check_against_reference(torch.bfloat16, train_weight, with_bias=True, chunk_size=8)
+
+
 def test_bias(monkeypatch):
     monkeypatch.setenv("LOWRANK_KERNEL", "torch")
     check_against_reference(torch.float64, True, with_bias=True, chunk_size=8)

@@ -13,6 +13,10 @@ computes exactly what the base did until training moves B.
 Adapter weights are kept in fp32 when the base is fp16 / bf16 (as PEFT's default
 autocast_adapter_dtype) and cast to the activation dtype in the forward: the optimizer then
 updates fp32 weights while the matmuls run in the model's dtype.
+
+A quantised base (`models.quantized.QuantizedLinear`, QLoRA) is wrapped the same way: the
+kernels take its `qweight` where they take a dense W. Merging folds the update into its
+dequantised weight and puts a plain full-precision nn.Linear in its place.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ import torch.nn as nn
 
 from ..errors import ConfigError
 from ..kernels import lora_linear, lora_linear_merged
+from ..models.quantized import QuantizedLinear
 
 # Attention projections: the choice of the original LoRA paper's best runs and of most Qwen
 # / DeepSeek tutorials. "all-linear" adds the MLP (more capacity, ~2.5x the parameters).
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 INITS = ("kaiming", "gaussian")
+LINEAR = (nn.Linear, QuantizedLinear)  # what LoRA wraps: a dense or a quantised frozen linear
 BIASES = ("none", "all", "lora_only")
 
 
@@ -118,13 +124,13 @@ def _is_number(v) -> bool:
 class LoraLinear(nn.Module):
     """`base_layer(x) + scale * (dropout(x) @ lora_A.weight.T) @ lora_B.weight.T`."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: nn.Linear | QuantizedLinear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False, init: str = "kaiming"):
         super().__init__()
         self.base_layer = base
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
         self.scale = alpha / (math.sqrt(r) if use_rslora else r)
-        w = base.weight
+        w = base_weight(base)
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
@@ -145,18 +151,25 @@ class LoraLinear(nn.Module):
 
     def forward(self, x):
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, a, b, self.scale,
+        return lora_linear(x, base_weight(self.base_layer), self.base_layer.bias, a, b, self.scale,
                            self.dropout_p, self.training)
 
     def merged_weight(self) -> torch.Tensor:
-        """W + scale * B @ A, computed in fp32 (or wider) and returned in W's dtype."""
-        w = self.base_layer.weight
+        """W + scale * B @ A, computed in fp32 (or wider) and returned in W's dtype (a
+        quantised W: its dequantised weight, in the dtype it was quantised from)."""
+        base = self.base_layer
+        w = base.dequantize() if isinstance(base, QuantizedLinear) else base.weight
         acc = torch.promote_types(w.dtype, torch.float32)
         delta = self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc)
         return (w.to(acc) + self.scale * delta).to(w.dtype)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:.4g}, dropout={self.dropout_p}"
+
+
+def base_weight(layer):
+    """The frozen weight `lora_linear` takes: a dense layer's tensor, a quantised one's qweight."""
+    return layer.qweight if isinstance(layer, QuantizedLinear) else layer.weight
 
 
 # ---- finding what to adapt ----------------------------------------------------------------
@@ -256,12 +269,12 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     where = f" in layers {layers}" if layers is not None else ""
     unmatched = [n for n in t if n not in hits.values()] if isinstance(t, (list, tuple)) else []
     if unmatched or not hits:
-        linear = sorted({p.rsplit(".", 1)[-1] for p, m in modules if isinstance(m, nn.Linear)})
+        linear = sorted({p.rsplit(".", 1)[-1] for p, m in modules if isinstance(m, LINEAR)})
         raise ConfigError(f"target_modules: {unmatched[0] if unmatched else t!r} matches no module{where}; "
                           f"the model's linear layers are named {', '.join(linear)}")
     by_path = dict(modules)
     for p in hits:
-        if not isinstance(by_path[p], nn.Linear):
+        if not isinstance(by_path[p], LINEAR):
             raise ConfigError(f"target_modules {t!r} matches {p}, a {type(by_path[p]).__name__}: "
                               "LoRA adapts nn.Linear layers only")
     if "lm_head" in hits and _tied(model):
@@ -274,7 +287,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 def _matches(modules, target) -> dict[str, str]:
     """module path -> the target name (or pattern) that selects it."""
     if target == "all-linear":
-        return {p: target for p, m in modules if p.startswith("model.layers.") and isinstance(m, nn.Linear)}
+        return {p: target for p, m in modules if p.startswith("model.layers.") and isinstance(m, LINEAR)}
     if isinstance(target, str):
         return {p: target for p, _ in modules if p and re.fullmatch(target, p)}
     hits = {}
@@ -336,7 +349,7 @@ def lora_group(projections, x) -> list[torch.Tensor]:
         return [p(x) for p in projections]
     first = projections[0]
     return lora_linear_merged(
-        x, [p.base_layer.weight for p in projections], [p.base_layer.bias for p in projections],
+        x, [base_weight(p.base_layer) for p in projections], [p.base_layer.bias for p in projections],
         [p.lora_A.weight.to(x.dtype) for p in projections], [p.lora_B.weight.to(x.dtype) for p in projections],
         [p.scale for p in projections], first.dropout_p, first.training,
     )
@@ -379,7 +392,8 @@ def _untie_saved(model: nn.Module, saved: list[str]):
 
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold `scale * B @ A` into each base weight (computed in fp32, stored in the base dtype)
-    and put the plain nn.Linear back in place; returns `model`, ready for `save_model`.
+    and put the plain nn.Linear back in place; returns `model`, ready for `save_model`. A
+    quantised base becomes a full-precision nn.Linear holding deq(W) + scale * B @ A.
 
     Modules trained whole (modules_to_save) and trained biases are already in place. A model
     without LoRA layers (e.g. merged already) is refused. To keep training afterwards, merge
@@ -390,6 +404,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         raise ConfigError("merge_adapter: the model holds no LoRA layers (merged already?)")
     with torch.no_grad():
         for path, m in wrapped:
+            if isinstance(m.base_layer, QuantizedLinear):
+                _set_module(model, path, m.base_layer.to_linear(m.merged_weight()))
+                continue
             m.base_layer.weight.copy_(m.merged_weight())
             _set_module(model, path, m.base_layer)
     if hasattr(model, "lora_config"):
@@ -409,6 +426,10 @@ def merged(model: nn.Module):
     try:
         with torch.no_grad():
             for path, m in wrapped:
+                if isinstance(m.base_layer, QuantizedLinear):  # left as it is: the merge is a new layer
+                    originals.append(None)
+                    _set_module(model, path, m.base_layer.to_linear(m.merged_weight()))
+                    continue
                 w = m.base_layer.weight
                 originals.append(w.detach().clone())
                 w.copy_(m.merged_weight())
@@ -417,5 +438,6 @@ def merged(model: nn.Module):
     finally:
         with torch.no_grad():
             for (path, m), w0 in zip(wrapped, originals):
-                m.base_layer.weight.copy_(w0)
+                if w0 is not None:
+                    m.base_layer.weight.copy_(w0)
                 _set_module(model, path, m)

@@ -17,6 +17,8 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, LowrankError
 from ..files import write_atomic
 from .families import build_model, read_config
+from .bnb_format import quantization_config
+from .quantized import Quantizer, quantized_modules
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -121,10 +123,13 @@ def _expected(model) -> dict[str, torch.Tensor]:
     return expected
 
 
-def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.Module:
+def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
     """Load a Hugging Face-format folder as a lowrank model.
 
     dtype: defaults to the dtype the weights are stored in. device: defaults to the CPU.
+    quantize: None, or "nf4" / "int8" to store the decoder layers' projections quantised, each
+    quantised as it is read (models/quantized.py). A folder saved by transformers + bitsandbytes
+    (`*-bnb-4bit`) loads with its layers quantised as stored, quantize given or not.
     Raises CheckpointError, naming the file and key, on anything missing, extra or corrupt.
     """
     folder = Path(path)
@@ -137,11 +142,15 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.
     expected = _expected(model)
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device) if device is not None else torch.device("cpu")
+    quantizer = Quantizer(model, quantize, device)
     for f in files:
         header, start = read_header(f)
         with open(f, "rb") as fh:
             for key, (t_dtype, shape, begin, end) in header.items():
                 if _skipped(key, cfg):
+                    continue
+                read = lambda: _cast(key, read_tensor(fh, start, t_dtype, shape, begin, end), dtype)  # noqa: E731
+                if quantizer.take(f, key, t_dtype, read):
                     continue
                 if key not in expected:
                     raise CheckpointError(f"{f}: unexpected tensor {key!r} for a {cfg.model_type} model")
@@ -152,7 +161,10 @@ def load_model(path, dtype: torch.dtype | None = None, device=None) -> torch.nn.
                         f"{f}: tensor {key!r} has shape {shape}, the config implies {list(expected[key].shape)}"
                     )
                 state[key] = _cast(key, read_tensor(fh, start, t_dtype, shape, begin, end), dtype).to(device)
-    missing = [k for k in expected if k not in state]
+    dtypes = {t.dtype for k, t in state.items() if t.is_floating_point() and not _KEEP_FP32.match(k)}
+    settled = dtype or (cfg.dtype if cfg.dtype in dtypes or not dtypes else max(dtypes, key=lambda d: torch.finfo(d).bits))
+    done = quantizer.finish(model, state, settled)
+    missing = [k for k in expected if k not in state and k not in done]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckpointError(f"{folder}: the checkpoint lacks {', '.join(map(repr, missing[:3]))}{more}")
@@ -181,21 +193,26 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
 
     The config is written in the 4.x layout; tensors larger than max_shard_size are split
     across shards with a `model.safetensors.index.json`. Adapters must be merged first.
+    Quantised layers are written as transformers + bitsandbytes write them, with the
+    `quantization_config` that makes from_pretrained load them so (models/bnb_format.py).
     """
     folder = Path(path)
     with torch.device("meta"):
         reference = build_model(model.config)
     expected = _expected(reference)
     state = model.state_dict()
-    extra = [k for k in state if k not in expected and k != "lm_head.weight"]
+    # The bitsandbytes tensors of quantised layers, written as they are (never cast).
+    quantized = {k for p, _ in quantized_modules(model) for k in state if k.startswith(p + ".") and k != p + ".bias"}
+    extra = [k for k in state if k not in expected and k not in quantized and k != "lm_head.weight"]
     if extra:
         raise LowrankError(
             f"save_model: the model holds {extra[0]!r}, which is not a base-model weight: "
             "merge the adapter (lowrank.merge_adapter) or save it with lowrank.save_adapter"
         )
     tensors = {}
-    for k in expected:
-        tensors[k] = _cast(k, state[k].detach(), dtype).to("cpu").contiguous()
+    for k in [*expected, *sorted(quantized - expected.keys())]:
+        t = state[k].detach() if k in quantized else _cast(k, state[k].detach(), dtype)
+        tensors[k] = t.to("cpu").contiguous()
     limit = _shard_bytes(max_shard_size)
     shards: list[dict] = [{}]
     size = 0
@@ -207,8 +224,15 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
         shards[-1][k] = t
         size += nbytes
     folder.mkdir(parents=True, exist_ok=True)
-    saved_dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
+    saved_dtype = next((t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in quantized), None)
     config = model.config.to_hf_dict(dtype=saved_dtype)
+    config.pop("quantization_config", None)  # from a quantised folder; rewritten for what the model holds now
+    try:
+        if (q := quantization_config(model, (model.config.hf.get("quantization_config") or {}).get(
+                "bnb_4bit_compute_dtype"))) is not None:
+            config["quantization_config"] = q
+    except ValueError as e:
+        raise LowrankError(f"save_model: {e}") from None
     write_atomic(folder / "config.json", lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     meta = {"format": "pt"}
     if len(shards) == 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CheckpointError
+from .bnb_format import check_quantization_config
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -181,6 +182,7 @@ def _llama_like(r: _Reader, model_type: str) -> ModelConfig:
     head_dim = r.positive("head_dim", None) or hidden // heads
     n_layers = r.positive("num_hidden_layers")
     _refuse_sliding_window(r, n_layers)
+    check_quantization_config(r.d, r.fail)  # bitsandbytes NF4 / 8-bit, else refused
     theta, scaling = _rope(r)
     dtype_name = r.d.get("torch_dtype", r.d.get("dtype"))
     attention_bias = r.get("attention_bias", bool, False)

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from .bnb_format import check_quantization_config
 from .config import ARCHITECTURES, DTYPES, ModelConfig, _llama_like, _Reader, _rope, _to_4x_layout
 
 
 def _refuse_quantized(r: _Reader):
-    q = r.d.get("quantization_config")
-    if q:
-        method = q.get("quant_method", "?") if isinstance(q, dict) else q
-        r.fail("quantization_config", f"asks for {method!r}-quantised weights (as DeepSeek-V3's fp8 release does); "
-               "lowrank loads unquantised checkpoints: dequantise to bf16 first")
+    """bitsandbytes NF4 / 8-bit experts load (one nn.Linear each); other methods are refused,
+    DeepSeek-V3's fp8 release among them."""
+    check_quantization_config(r.d, r.fail)
 
 
 def _dtype(r: _Reader):

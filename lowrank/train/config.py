@@ -24,6 +24,7 @@ DEFAULT_LR = {"lora": 2e-4, "prefix": 1e-2, "freeze": 2e-5, "full": 1e-5}
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("fused", "plain")
+QUANTIZE = ("none", "nf4", "int8")
 
 
 def _f(default, help: str, group: str, **kw):
@@ -40,6 +41,9 @@ class TrainConfig:
                    required=True)
     output: str = _f("", "output folder: adapter/, checkpoints/, metrics.jsonl, run.toml", "run", required=True)
     method: str = _f("lora", f"fine-tuning method: {', '.join(METHODS)}", "run", choices=METHODS)
+    quantize: str = _f("none", "store the frozen base's projections quantised as they load: nf4 (QLoRA) or int8 "
+                       "(lora and prefix only; a bitsandbytes-quantised folder loads quantised anyway)", "run",
+                       choices=QUANTIZE)
     tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", "run")
     chat_template: str | None = _f(None, "chat template: 'chatml', 'deepseek' or a Jinja source (default: the tokenizer's)",
                                    "run")
@@ -110,6 +114,8 @@ class TrainConfig:
         for name in ("target_modules", "trainable_modules"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, coerce(name, getattr(self, name)))
+        if self.quantize is None:
+            self.quantize = "none"
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
@@ -161,6 +167,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         bad("target_modules", "a non-empty list of module names")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in cfg.replacements.items()):
         bad("replacements", "a table of strings")
+    if cfg.quantize != "none" and cfg.method in ("freeze", "full"):
+        raise ConfigError(f"quantize={cfg.quantize!r} with method={cfg.method!r}: a quantised weight cannot be trained; "
+                          "use method='lora' (QLoRA) or 'prefix', or load the base unquantised")
     if cfg.init_adapter and cfg.method != "lora":
         raise ConfigError(f"init_adapter is for method='lora', not {cfg.method!r}")
     return cfg

@@ -79,7 +79,9 @@ def wrap(module: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     # An MoE expert that no token of this rank's batch reached has no gradient; DDP must look
     # for such parameters (a cost dense models need not pay).
     moe = any(".experts." in name for name, _ in module.named_parameters())
-    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=moe)
+    # Buffers are the same on every rank as loaded (quantised base weights, RoPE tables): no
+    # broadcast of them from rank 0 before every forward.
+    return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=moe, broadcast_buffers=False)
 
 
 def no_sync(module: torch.nn.Module, sync: bool):

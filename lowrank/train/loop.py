@@ -108,7 +108,8 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     train, evals = load_examples(cfg, tokenizer)  # before the model: bad data fails in seconds
     # Frozen weights are kept in the compute dtype (half the memory under bf16); trained ones in fp32.
     frozen_dtype = autocast_dtype if autocast_dtype is not None and cfg.method != "full" else torch.float32
-    model = load_model(cfg.model, dtype=frozen_dtype, device=info.device)
+    model = load_model(cfg.model, dtype=frozen_dtype, device=info.device,
+                       quantize=None if cfg.quantize == "none" else cfg.quantize)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     apply_method(model, cfg)
     trainable = list(trainable_state(model).values())

@@ -19,6 +19,13 @@ from .config import TrainConfig
 
 def apply_method(model, cfg: TrainConfig) -> None:
     """Make the parameters of `cfg.method` trainable and freeze the rest."""
+    if cfg.method in ("freeze", "full"):
+        from ..models.quantized import quantized_modules
+
+        if quantized := quantized_modules(model):
+            raise ConfigError(f"{cfg.model}: {quantized[0][0]} (and every quantised layer) is stored quantised, "
+                              f"which method={cfg.method!r} cannot train; use method='lora' (QLoRA) or 'prefix', "
+                              "or the unquantised model")
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
