@@ -1,4 +1,4 @@
-"""Instruction data: JSON / JSONL records turned into token ids and labels that train only the answers.
+"""Instruction data: records (read by formats.py from JSON, JSONL, CSV / TSV or Parquet) turned into token ids and labels that train only the answers.
 
 Record formats (one file may mix them; each record is recognised by its keys):
 
@@ -6,7 +6,8 @@ Record formats (one file may mix them; each record is recognised by its keys):
   ``system``, and ``history`` ([user, assistant] pairs that come before);
 - chat: ``messages``, a list of ``{"role", "content"}`` (system / user / assistant / tool);
 - sharegpt: ``conversations``, a list of ``{"from", "value"}`` (human / gpt / system);
-- pre-tokenized: ``input_ids`` with ``labels`` aligned to them (-100 = not trained), passed through.
+- pre-tokenized: ``input_ids`` with ``labels`` aligned to them (-100 = not trained), passed through;
+- plain text: ``text`` alone, every token trained (formats.py's ``text_example``).
 
 Text records are rendered with the tokenizer's chat template. Labels equal the input ids on the
 assistant turns and -100 everywhere else; the loss shifts them by one (position t predicts
@@ -21,12 +22,12 @@ trained in an example of its own that ends with it, so one record can give sever
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from .formats import read_records, text_example  # noqa: F401  (read_records: the public reader)
 
 # The label of a position that is not trained (what torch's cross_entropy ignores by default).
 IGNORE_INDEX = -100
@@ -74,6 +75,8 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
         try:
             if "input_ids" in record:
                 found = [pretokenized_example(record, len(tokenizer))]
+            elif "text" in record and not {"messages", "conversations", "instruction"} & set(record):
+                found = [text_example(record, tokenizer, replacements)]
             else:
                 messages = record_to_messages(record, replacements, system)
                 found = tokenize_conversation(messages, tokenizer, train_on)
@@ -102,45 +105,6 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
 def count_trainable(labels: list[int]) -> int:
     """Labels the loss uses: the first position is never predicted (the loss shifts by one)."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-
-
-# ---- reading files -------------------------------------------------------------------------
-
-def read_records(path) -> list[dict]:
-    """The records of a JSON array or a JSON Lines file (.jsonl, or a .json holding lines)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    records = None
-    if path.suffix != ".jsonl":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            # "Extra data" after a first complete value: one record per line (JSON Lines).
-            if e.msg != "Extra data":
-                raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        if records is not None and not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON array of records, found a {type(records).__name__}")
-    if records is None:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
-    if not records:
-        raise DataError(f"{path}: holds no records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: record {index}: expected a JSON object, found {type(record).__name__}")
-    return records
 
 
 # ---- records to conversations ----------------------------------------------------------------
