@@ -38,7 +38,7 @@ from .adapters import (  # noqa: E402
     trainable_parameters,
     trainable_summary,
 )
-from .train import TrainConfig, count_trainable_tokens, finetune, masked_cross_entropy  # noqa: E402
+from .train import TrainConfig, count_trainable_tokens, export_model, finetune, masked_cross_entropy  # noqa: E402
 
 __all__ = [
     # errors
@@ -53,5 +53,5 @@ __all__ = [
     "remove_prefix", "save_adapter", "load_adapter", "merge_adapter", "merged", "trainable_parameters",
     "trainable_summary",
     # training
-    "TrainConfig", "finetune",
+    "TrainConfig", "finetune", "export_model",
 ]

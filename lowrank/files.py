@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import CheckpointError
@@ -27,3 +28,18 @@ def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+# "Qwen/Qwen2.5-0.5B-Instruct": what a transformers user passes as a model. Two names joined
+# by one slash, each of the hub's characters.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def missing_folder_message(path, what: str = "model folder") -> str:
+    """Why `path` is not a folder: for a hub id, that lowrank reads local folders and how to get one."""
+    text = str(path)
+    if _HUB_ID.fullmatch(text) and not text.startswith((".", "/")):
+        local = text.split("/")[1]
+        return (f"{text}: no such {what}. lowrank reads local folders and never downloads; for the hub model "
+                f"{text!r}: huggingface-cli download {text} --local-dir {local}, then pass {local}")
+    return f"{text}: no such {what}"

@@ -159,3 +159,18 @@ def test_builtin_template_for_folders_without_one(tmp_path):
     (plain / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<｜end▁of▁sentence｜>"}))
     assert load_tokenizer(plain).chat_template == DEEPSEEK_TEMPLATE
     assert load_tokenizer(plain, chat_template="chatml").chat_template == CHATML_TEMPLATE
+
+
+def test_a_template_file_path_is_read_and_a_missing_one_is_refused(tmp_path, monkeypatch):
+    from lowrank.data.chat_template import resolve_template
+
+    source = (TEMPLATES / "DeepSeek-R1-Distill-Qwen.jinja").read_text(encoding="utf-8")
+    tok = load_tokenizer(TOKENIZERS / "qwen2.5-instruct", chat_template=str(TEMPLATES / "DeepSeek-R1-Distill-Qwen.jinja"))
+    assert tok.chat_template == source
+    monkeypatch.chdir(TEMPLATES)  # a bare file name in the working folder
+    assert resolve_template("Qwen3-0.6B.jinja") == (TEMPLATES / "Qwen3-0.6B.jinja").read_text(encoding="utf-8")
+    assert resolve_template("chatml") == CHATML_TEMPLATE and resolve_template(source) == source
+    for missing, why in ((tmp_path / "nope.jinja", "no such file"), ("templates/qwen", "no such file"),
+                         ("chatmll", "not a built-in name, a file or Jinja source")):
+        with pytest.raises(ConfigError, match=f"chat template '{missing}': {why}"):
+            load_tokenizer(TOKENIZERS / "qwen2.5-instruct", chat_template=str(missing))

@@ -45,6 +45,19 @@ def test_missing_folder(tmp_path):
     raises(tmp_path / "nope", "nope", "no such model folder")
 
 
+def test_a_hub_id_says_lowrank_reads_local_folders():
+    message = raises("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct: no such model folder. lowrank reads "
+                     "local folders and never downloads",
+                     "huggingface-cli download Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_a_dtype_a_model_cannot_compute_in_is_one_config_error(good, dtype):
+    with pytest.raises(lowrank.ConfigError, match=rf"dtype={dtype}: a model loads in one of float32, bfloat16"):
+        lowrank.load_model(good, dtype=dtype)
+
+
 def test_missing_config(good):
     (good / "config.json").unlink()
     raises(good, "config.json")

@@ -4,15 +4,14 @@ and round-trip, and the quickstart runs the whole text pipeline on its own token
 
 import json
 import re
-import runpy
-import sys
 import tomllib
 
 import pytest
 import torch
 
 from lowrank.train.config import TrainConfig, read_toml
-from tests.train_helpers import read_metrics, run_module, tiny_model_dir, write_pretokenized
+from tests.conftest import FIXTURES
+from tests.train_helpers import cli, read_metrics, run_module, tiny_model_dir, write_pretokenized
 
 pytestmark = pytest.mark.filterwarnings("ignore:save_adapter")
 
@@ -21,15 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:save_adapter")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     return root, tiny_model_dir(root / "model"), write_pretokenized(root / "data.jsonl", 9, seed=5)
-
-
-def cli(module, args, monkeypatch, capsys):
-    """(exit status, stdout, stderr) of `python -m module args`, run in this process by runpy."""
-    monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 BAD = {
@@ -45,6 +35,15 @@ BAD = {
     "lora flag on prefix": (["--method", "prefix", "--init-adapter", "{root}"], r"init_adapter is for method='lora'"),
     "quantize fp4": (["--quantize", "fp4"], r"--quantize: invalid choice: 'fp4'"),
     "quantized full": (["--method", "full", "--quantize", "nf4"], r"quantize='nf4' with method='full': a quantised"),
+    "hub id as model": (["--model", "Qwen/Qwen2.5-0.5B-Instruct"], r"^lowrank: error: Qwen/Qwen2.5-0.5B-Instruct: "
+                        r"no such model folder\. lowrank reads local folders .*huggingface-cli download "
+                        r"Qwen/Qwen2.5-0.5B-Instruct --local-dir Qwen2.5-0.5B-Instruct, then pass Qwen2.5-0.5B-Instruct$"),
+    "max-len above positions": (["--max-len", "1000000", "--packing"], r"max_len=1000000 is above the model's "
+                                r"max_position_embeddings=32768 \(.*config.json\); use --max-len 32768 or less"),
+    "csv given as json": (["--data", "{root}/table.json"], r"table.json: not JSON: it looks like CSV"),
+    "trailing comma": (["--data", "{root}/comma.json"], r"comma.json: trailing comma at line 2, column 37, before '\]'"),
+    "missing template file": (["--tokenizer", str(FIXTURES / "tokenizers" / "qwen2.5-instruct"), "--chat-template",
+                               "{root}/chatml.jinja"], r"chat template '.*chatml.jinja': no such file"),
 }
 
 
@@ -53,6 +52,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(setup, tmp_path, mon
     root, model, data = setup
     (root / "bad.json").write_text('[{"instruction": "hi", "output": "yo"},\n {"instruction": ]')
     (root / "typo.toml").write_text('learning_rate = 0.1\n')
+    (root / "table.json").write_text("instruction,input,output\nhi,,yo\n")
+    (root / "comma.json").write_text('[{"instruction": "hi", "output": "yo"},\n {"instruction": "a", "output": "b"},]')
     flags, message = BAD[case]
     output = tmp_path / "out"
     args = ["--model", model, "--data", data, "--output", output, "--max-steps", "1", "--no-progress"]

@@ -327,6 +327,26 @@ def test_adapter_of_another_architecture(tmp_path, untied, tied):
     refused(folder, tmp_path / "q3-adapter", "no layer 2")
 
 
+def test_adapter_of_a_model_with_another_layer_count(tmp_path, tied):
+    """Same widths, 3 layers against the fixture's 2: refused by layer count, both ways."""
+    folder, _ = tied
+    deeper = tmp_path / "deeper"
+    make_hf_checkpoint(deeper, shrink(real_config("Qwen2.5-0.5B-Instruct"), layers=3))
+    save_adapter(apply_lora(lowrank.load_model(deeper), LoraConfig(r=4)), tmp_path / "a3")
+    refused(folder, tmp_path / "a3", "holds LoRA weights for 3 decoder layers (0..2), this model has 2",
+            "trained on another model (another layer count)")
+    save_adapter(apply_lora(lowrank.load_model(folder), LoraConfig(r=4)), tmp_path / "a2")
+    refused(deeper, tmp_path / "a2", "for 2 decoder layers (0..1), this model has 3", "another layer count")
+
+
+def test_rslora_adapter_warns_that_gguf_lora_rescales(tied, tmp_path):
+    model = apply_lora(lowrank.load_model(tied[0]), LoraConfig(r=16, alpha=8, use_rslora=True))
+    with pytest.warns(UserWarning, match=r"llama.cpp's GGUF LoRA converter scales by alpha/r, which would shrink "
+                                         r"its update 4x.*python -m lowrank.export") as caught:
+        save_adapter(model, tmp_path / "rs")
+    assert not any("vLLM" in str(w.message) for w in caught)  # vLLM serves rsLoRA
+
+
 def test_loading_onto_a_model_that_has_lora_is_refused(untied, good_adapter):
     folder, _ = untied
     model = apply_lora(lowrank.load_model(folder), LoraConfig(target_modules=["k_proj"]))

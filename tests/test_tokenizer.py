@@ -170,8 +170,10 @@ def test_sentencepiece_model(sentencepiece_folder):
 
 
 def test_bad_tokenizer_folders(tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="missing: no such tokenizer folder$"):
         load_tokenizer(tmp_path / "missing")
+    with pytest.raises(CheckpointError, match="lowrank reads local folders and never downloads"):
+        load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
     (tmp_path / "vocab.json").write_text("{}")

@@ -69,3 +69,31 @@ def run_module(module: str, args: list[str], cwd, env: dict | None = None, launc
     cmd = [sys.executable, *(launcher or []), "-m", module, *map(str, args)]
     assert Path(cwd).resolve() != ROOT
     return subprocess.run(cmd, cwd=cwd, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def cli(module, args, monkeypatch, capsys, stdin: str | None = None):
+    """(exit status, stdout, stderr) of `python -m module args`, run in this process by runpy;
+    `stdin` is piped in as text."""
+    import io
+    import runpy
+
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", [module, *map(str, args)])
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def copy_tokenizer(folder, name: str = "qwen2.5-instruct-tokenizer-json") -> Path:
+    """Put the real tokenizer files of shared/fixtures/tokenizers/<name> into a model folder."""
+    import shutil
+
+    from tests.conftest import FIXTURES
+
+    for f in (FIXTURES / "tokenizers" / name).iterdir():
+        shutil.copy2(f, Path(folder) / f.name)
+    return Path(folder)

@@ -16,6 +16,7 @@ Prefix tuning is converted by `prefix.py`; this file only dispatches to it.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Pat
         hf = getattr(getattr(model, "config", None), "hf", None) or {}
         config["base_model_name_or_path"] = hf.get("_name_or_path") or None
     _warn_if_vllm_refuses(config, folder)
+    _warn_if_gguf_rescales(config, folder)
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     folder.mkdir(parents=True, exist_ok=True)
     # Weights first: a folder with a config is taken as complete.
@@ -162,6 +164,7 @@ def load_lora_from_peft(model, adapter_config: dict, tensors: dict, folder: Path
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
     expected = _expected_tensors(model, cfg, targets, saved)
+    _check_layer_count(model, tensors, expected, weights)
     for key in tensors:
         if key not in expected:
             raise CheckpointError(f"{weights}: tensor {key!r} {_why_unexpected(model, key, cfg)}")
@@ -244,6 +247,24 @@ def _expected_tensors(model, cfg: LoraConfig, targets: list[str], saved: list[st
     return expected
 
 
+_LAYER = re.compile(rf"{re.escape(PREFIX)}model\.layers\.(\d+)\.")
+
+
+def _check_layer_count(model, tensors: dict, expected: dict, weights: Path) -> None:
+    """An adapter of a model with more or fewer layers (a 28-layer adapter on a 24-layer model)
+    fails here by its layer count, before a key-by-key complaint that would not say so."""
+    def layers(keys):
+        return {int(m.group(1)) for m in map(_LAYER.match, keys) if m}
+
+    have, want = layers(tensors), layers(expected)
+    # Only an adapter over a whole run of layers 0..k-1 is a model's: a stray key is reported by name below.
+    if have and want and have != want and have == set(range(len(have))) and want == set(range(len(want))):
+        n = model.config.num_hidden_layers
+        raise CheckpointError(f"{weights}: holds LoRA weights for {len(have)} decoder layers (0..{max(have)}), "
+                              f"this model has {n} and its config implies them in {len(want)}: the adapter was "
+                              "trained on another model (another layer count)")
+
+
 def _why_unexpected(model, key: str, cfg: LoraConfig) -> str:
     if not key.startswith(PREFIX):
         return f"is not a PEFT LoRA key (expected {PREFIX}<module path>.lora_A.weight, ...)"
@@ -285,16 +306,28 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _warn_if_vllm_refuses(config: dict, folder: Path):
+    """What vLLM (0.33) refuses of a PEFT folder, said when it is written rather than when served."""
     why = []
     if config.get("peft_type") != "LORA":
         why.append(f"vLLM serves LoRA adapters only, not {config.get('peft_type')}")
     if config.get("modules_to_save"):
-        why.append(f"vLLM refuses modules_to_save ({config['modules_to_save']}): "
-                   "'vLLM only supports modules_to_save being None'")
+        why.append(f"vLLM refuses modules_to_save ({config['modules_to_save']}): 'vLLM only supports "
+                   "modules_to_save being either None or [\"classifier\", \"score\"] for classification models'")
     if config.get("bias", "none") != "none":
         why.append(f"bias={config['bias']!r}: most vLLM releases refuse LoRA adapters that carry biases")
     if why:
-        fix = ("to serve it with vLLM, merge it (lowrank.merge_adapter) and save the whole model "
-               "(lowrank.save_model)") if config.get("peft_type") == "LORA" else "serve it with PEFT or lowrank"
+        fix = ("to serve it with vLLM, merge it into a whole model folder (python -m lowrank.export, or "
+               "lowrank.export_model)") if config.get("peft_type") == "LORA" else "serve it with PEFT or lowrank"
         warnings.warn(f"save_adapter: {folder} cannot be served by vLLM as an adapter ({'; '.join(why)}). "
                       f"PEFT and lowrank load it; {fix}", UserWarning, stacklevel=3)
+
+
+def _warn_if_gguf_rescales(config: dict, folder: Path):
+    """llama.cpp's convert_lora_to_gguf.py keeps lora_alpha and its runtime scales by alpha / r:
+    an rsLoRA adapter (alpha / sqrt(r)) would run with its update shrunk by sqrt(r). Merged first,
+    the weights are exact whatever the scale."""
+    if config.get("peft_type") == "LORA" and config.get("use_rslora"):
+        r = config["r"]
+        warnings.warn(f"save_adapter: {folder} is an rsLoRA adapter (scale alpha/sqrt(r)); llama.cpp's GGUF LoRA "
+                      f"converter scales by alpha/r, which would shrink its update {r ** 0.5:.3g}x. For llama.cpp, "
+                      "merge it (python -m lowrank.export) and convert the merged folder", UserWarning, stacklevel=3)

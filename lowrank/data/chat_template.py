@@ -13,14 +13,16 @@ is None are dropped, and reasoning given as ``thinking`` / ``reasoning`` is also
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 
 import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 # ChatML as Qwen writes it, without Qwen2.5's default system prompt (transformers' old default).
 CHATML_TEMPLATE = (
@@ -41,6 +43,33 @@ DEEPSEEK_TEMPLATE = (
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "deepseek": DEEPSEEK_TEMPLATE}
 
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def resolve_template(value: str) -> str:
+    """A --chat-template value as Jinja source: a built-in name, a file holding the template, or
+    the source itself. A value without Jinja that names no file (a path or a name mistyped) is
+    refused, not rendered as a constant template (which trained nothing and failed later,
+    blaming max_len)."""
+    if value in BUILTIN_TEMPLATES:
+        return BUILTIN_TEMPLATES[value]
+    if "{" in value or "\n" in value:  # Jinja source
+        return value
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # a name too long to be a file
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"chat template {path}: not UTF-8 text ({e})") from None
+    # No file, and no Jinja in it: a path or a name mistyped; as a template it would render one
+    # constant line.
+    what = "no such file" if value.endswith((".jinja", ".j2", ".txt")) or os.sep in value or "/" in value else \
+        "not a built-in name, a file or Jinja source"
+    raise ConfigError(f"chat template {value!r}: {what} (a template is a built-in name "
+                      f"({', '.join(BUILTIN_TEMPLATES)}), a .jinja file or Jinja source)")
 
 
 def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:

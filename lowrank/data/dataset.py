@@ -22,7 +22,6 @@ trained in an example of its own that ends with it, so one record can give sever
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from . import cache, fast_tokenize
 from .examples import IGNORE_INDEX, Examples, ExampleWriter
+from .formats import read_records, text_example  # noqa: F401  (read_records: the public reader)
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -118,6 +118,8 @@ def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer:
             try:
                 if "input_ids" in record:
                     found.append([pretokenized_example(record, len(tokenizer))])
+                elif "text" in record and not {"messages", "conversations", "instruction"} & set(record):
+                    found.append([text_example(record, tokenizer, replacements)])
                 else:
                     messages = record_to_messages(record, replacements, system)
                     if labeler is None:
@@ -156,45 +158,6 @@ def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer:
 def count_trainable(labels: list[int]) -> int:
     """Labels the loss uses: the first position is never predicted (the loss shifts by one)."""
     return sum(1 for label in labels[1:] if label != IGNORE_INDEX)
-
-
-# ---- reading files -------------------------------------------------------------------------
-
-def read_records(path) -> list[dict]:
-    """The records of a JSON array or a JSON Lines file (.jsonl, or a .json holding lines)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e})") from None
-    if not text.strip():
-        raise DataError(f"{path}: the file is empty")
-    records = None
-    if path.suffix != ".jsonl":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            # "Extra data" after a first complete value: one record per line (JSON Lines).
-            if e.msg != "Extra data":
-                raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        if records is not None and not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON array of records, found a {type(records).__name__}")
-    if records is None:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {lineno}: invalid JSON at column {e.colno}: {e.msg}") from None
-    if not records:
-        raise DataError(f"{path}: holds no records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: record {index}: expected a JSON object, found {type(record).__name__}")
-    return records
 
 
 # ---- records to conversations ----------------------------------------------------------------

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
-from .chat_template import BUILTIN_TEMPLATES, render_chat
+from ..files import missing_folder_message
+from .encoding import Encoding, encode_batch
+from .chat_template import BUILTIN_TEMPLATES, render_chat, resolve_template
 from .tokenizer_backends import AddedTokenSpec, SentencePieceBackend, TokenizersBackend
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -44,6 +46,7 @@ class Tokenizer:
     chat_template: str | None = None
     # The named tokens the folder configures (pad without its fallback): what templates see.
     template_tokens: dict[str, str] = field(default_factory=dict)
+    padding_side: str = "right"  # tokenizer_config.json's, as transformers; "left" for batched generation
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; add_special_tokens adds the bos/eos the folder asks for (none for Qwen)."""
@@ -51,6 +54,22 @@ class Tokenizer:
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False) -> list[str]:
+        """decode() of each row of a list of id lists or a [B, T] tensor."""
+        return [self.decode(row, skip_special_tokens) for row in sequences]
+
+    def __call__(self, text, add_special_tokens: bool = True, padding=False, truncation: bool = False,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 padding_side: str | None = None) -> "Encoding":
+        """{"input_ids", "attention_mask"} of a text or a list of texts, as transformers' tokenizer call.
+
+        padding: False, True / "longest" (to the longest text) or "max_length"; truncation cuts at
+        max_length; return_tensors="pt" gives [B, T] tensors (a single text gives [1, T]), which
+        needs equal lengths. padding_side defaults to the folder's (tokenizer_config.json).
+        """
+        return encode_batch(self, text, add_special_tokens, padding, truncation, max_length, return_tensors,
+                            padding_side or self.padding_side)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
@@ -85,8 +104,13 @@ class Tokenizer:
         return self.backend.size(with_added=True)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs):
-        """Render `messages` with the model's chat template, as transformers does; ids if tokenize."""
+                            tokenize: bool = False, return_dict: bool = False, return_tensors: str | None = None,
+                            **kwargs):
+        """Render `messages` with the model's chat template, as transformers does: the text, or with
+        tokenize=True its ids (a list; [1, T] with return_tensors="pt"; with return_dict=True the
+        {"input_ids", "attention_mask"} that transformers 5 returns by default)."""
+        if return_dict or return_tensors:
+            tokenize = True
         if self.chat_template is None:
             raise ConfigError(
                 f"{self.path}: the tokenizer has no chat template and none of the built-in ones "
@@ -94,21 +118,26 @@ class Tokenizer:
             )
         text = render_chat(self.chat_template, messages, add_generation_prompt,
                            **{**self.template_tokens, **kwargs})
+        if not tokenize:
+            return text
         # As transformers: the template writes the bos itself, so no special tokens are added.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not (return_dict or return_tensors):
+            return self.encode(text, add_special_tokens=False)
+        encoded = self(text, add_special_tokens=False, return_tensors=return_tensors)
+        return encoded if return_dict else encoded["input_ids"]
 
 
 def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
     """Load the tokenizer of a model folder.
 
-    chat_template: a Jinja template source or a built-in name ("chatml", "deepseek"), used in
-    place of the folder's own; folders that carry none get ChatML when the vocabulary has
+    chat_template: a built-in name ("chatml", "deepseek"), a template file (.jinja) or Jinja
+    source, used in place of the folder's own; folders that carry none get ChatML when the vocabulary has
     ``<|im_start|>``/``<|im_end|>`` and the DeepSeek format when its eos is
     ``<｜end▁of▁sentence｜>``.
     """
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: tokenizer folder not found")
+        raise CheckpointError(missing_folder_message(path, "tokenizer folder"))
     config = _read_json(folder / "tokenizer_config.json") or {}
     special_map = _read_json(folder / "special_tokens_map.json") or {}
     backend = _open_backend(folder, config)
@@ -123,8 +152,11 @@ def load_tokenizer(path, chat_template: str | None = None) -> Tokenizer:
     pad = tokens.get("pad_token")
     if pad is None:
         pad = "<|endoftext|>" if backend.token_to_id("<|endoftext|>") is not None else tokens.get("eos_token")
+    side = config.get("padding_side", "right")
+    if side not in ("left", "right"):
+        raise CheckpointError(f"{folder / 'tokenizer_config.json'}: padding_side {side!r}; expected 'left' or 'right'")
     tok = Tokenizer(backend=backend, path=folder, bos_token=tokens.get("bos_token"), eos_token=tokens.get("eos_token"),
-                    pad_token=pad, unk_token=tokens.get("unk_token"), template_tokens=tokens)
+                    pad_token=pad, unk_token=tokens.get("unk_token"), template_tokens=tokens, padding_side=side)
     tok.chat_template = _chat_template(folder, config, tok, chat_template)
     return tok
 
@@ -219,7 +251,7 @@ def _set_bos_eos(backend, config: dict, named: dict) -> None:
 
 
 def _chat_template(folder: Path, config: dict, tok: Tokenizer, override: str | None) -> str | None:
-    source = override
+    source = resolve_template(override) if override is not None else None
     if source is None and (folder / "chat_template.jinja").is_file():
         source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     if source is None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, LowrankError
-from ..files import write_atomic
+from ..errors import CheckpointError, ConfigError, LowrankError
+from ..files import missing_folder_message, write_atomic
 from .families import build_model, read_config
 from .bnb_format import quantization_config
 from .quantized import Quantizer, quantized_modules
@@ -123,6 +123,18 @@ def _expected(model) -> dict[str, torch.Tensor]:
     return expected
 
 
+# The dtypes a model computes in. Integer and float8 tensors hold weights only through a
+# quantisation scheme (scales, codes) that a plain cast does not make.
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_compute_dtype(dtype) -> None:
+    if dtype is not None and dtype not in COMPUTE_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in COMPUTE_DTYPES)
+        raise ConfigError(f"dtype={dtype}: a model loads in one of {names}; integer and float8 weights need a "
+                          "quantisation scheme (scales), which a cast does not give")
+
+
 def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: str | None = None) -> torch.nn.Module:
     """Load a Hugging Face-format folder as a lowrank model.
 
@@ -133,8 +145,9 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
     Raises CheckpointError, naming the file and key, on anything missing, extra or corrupt.
     """
     folder = Path(path)
+    check_compute_dtype(dtype)
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such model folder")
+        raise CheckpointError(missing_folder_message(path))
     cfg = read_config(folder)
     files = weight_files(folder)
     with torch.device("meta"):
@@ -197,6 +210,7 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
     `quantization_config` that makes from_pretrained load them so (models/bnb_format.py).
     """
     folder = Path(path)
+    check_compute_dtype(dtype)
     with torch.device("meta"):
         reference = build_model(model.config)
     expected = _expected(reference)

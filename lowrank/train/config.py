@@ -37,7 +37,8 @@ def _f(default, help: str, group: str, **kw):
 class TrainConfig:
     # ---- what to train on what
     model: str = _f("", "Hugging Face-format model folder (config.json + safetensors)", "run", required=True)
-    data: str = _f("", "training data: JSON or JSONL records (alpaca, messages, sharegpt, or input_ids)", "run",
+    data: str = _f("", "training data: JSON, JSONL, CSV, TSV or Parquet records (alpaca, messages, sharegpt, "
+                   "text or input_ids)", "run",
                    required=True)
     output: str = _f("", "output folder: adapter/, checkpoints/, metrics.jsonl, run.toml", "run", required=True)
     method: str = _f("lora", f"fine-tuning method: {', '.join(METHODS)}", "run", choices=METHODS)
@@ -45,8 +46,8 @@ class TrainConfig:
                        "(lora and prefix only; a bitsandbytes-quantised folder loads quantised anyway)", "run",
                        choices=QUANTIZE)
     tokenizer: str | None = _f(None, "tokenizer folder (default: the model folder)", "run")
-    chat_template: str | None = _f(None, "chat template: 'chatml', 'deepseek' or a Jinja source (default: the tokenizer's)",
-                                   "run")
+    chat_template: str | None = _f(None, "chat template: 'chatml', 'deepseek', a .jinja file or Jinja source "
+                                   "(default: the tokenizer's)", "run")
     # ---- LoRA
     # --lora-r: under torchrun, `--r` is taken as an abbreviation of torchrun's own --rdzv-* / --role flags.
     r: int = _f(8, "LoRA rank (--lora-r is the same flag; use it under torchrun)", "lora", aliases=("lora_r",))

@@ -47,7 +47,7 @@ from ..kernels import linear_cross_entropy
 from .loss import IGNORE_INDEX, count_trainable_tokens, masked_cross_entropy
 from .schedule import lr_at, warmup_steps_for
 from .config import TrainConfig, check_config, to_toml
-from .prepare import apply_method, autocast_dtype_for, load_examples, load_tokenizer_for, pack_rows
+from .prepare import apply_method, autocast_dtype_for, check_max_len, load_examples, load_tokenizer_for, pack_rows
 from .state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           trainable_state, truncate_metrics)
 
@@ -105,6 +105,7 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     info = info or dist.DistInfo(device=dist.pick_device(cfg.device))
     autocast_dtype = autocast_dtype_for(cfg.dtype, info.device)
     tokenizer = load_tokenizer_for(cfg)
+    check_max_len(cfg)
     train, evals = load_examples(cfg, tokenizer)  # before the model: bad data fails in seconds
     # Frozen weights are kept in the compute dtype (half the memory under bf16); trained ones in fp32.
     frozen_dtype = autocast_dtype if autocast_dtype is not None and cfg.method != "full" else torch.float32

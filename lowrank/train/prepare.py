@@ -14,6 +14,7 @@ from ..data.cache import default_cache_dir
 from ..data.dataset import load_dataset
 from ..data.examples import Examples, example_lengths
 from ..errors import CheckpointError, ConfigError, DataError
+from ..files import missing_folder_message
 from .config import TrainConfig
 
 
@@ -76,6 +77,8 @@ class _VocabOnly:
         raise DataError(f"a text record needs a tokenizer, and {self.folder} has none (give --tokenizer, or "
                         "pre-tokenized records with input_ids)")
 
+    encode = apply_chat_template  # {"text": ...} records need one too
+
 
 def load_tokenizer_for(cfg: TrainConfig):
     """The tokenizer of --tokenizer or the model folder; a vocabulary-size stand-in when the model
@@ -85,11 +88,22 @@ def load_tokenizer_for(cfg: TrainConfig):
 
     folder = Path(cfg.tokenizer or cfg.model)
     if not Path(cfg.model).is_dir():
-        raise CheckpointError(f"{cfg.model}: no such model folder")
+        raise CheckpointError(missing_folder_message(cfg.model))
     names = ("tokenizer.json", "vocab.json", "tokenizer.model")
     if cfg.tokenizer is None and not any((folder / n).is_file() for n in names):
         return _VocabOnly(read_config(cfg.model).vocab_size, str(folder))
     return load_tokenizer(folder, chat_template=cfg.chat_template)
+
+
+def check_max_len(cfg: TrainConfig) -> None:
+    """max_len within the model's max_position_embeddings: longer rows use positions the model never
+    saw, and a packed row that long asked for a terabyte-sized attention mask."""
+    from ..models import read_config
+
+    limit = read_config(cfg.model).max_position_embeddings
+    if cfg.max_len > limit:
+        raise ConfigError(f"max_len={cfg.max_len} is above the model's max_position_embeddings={limit} "
+                          f"({Path(cfg.model) / 'config.json'}); use --max-len {limit} or less")
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples]:
