@@ -82,20 +82,22 @@ def load_tokenizer_for(cfg: TrainConfig):
     return load_tokenizer(folder, chat_template=cfg.chat_template)
 
 
-def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], list]:
+    """(training examples, eval examples, the DataReport of each file read): --eval-data, or an
+    eval_split held out by a seeded draw."""
     kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system)
-    train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
+    train, report = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
-        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
+        evals, eval_report = load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)
+        return train, evals, [report, eval_report]
     if not cfg.eval_split:
-        return train, []
+        return train, [], [report]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = max(1, round(cfg.eval_split * len(train)))
     if n_eval >= len(train):
         raise ConfigError(f"eval_split={cfg.eval_split} leaves no training example of {len(train)}")
     held = set(order[:n_eval])
-    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)]
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], [report]
 
 
 def pack_rows(examples: list[dict], cfg: TrainConfig) -> list[list[int]]:
