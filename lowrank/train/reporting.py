@@ -46,8 +46,8 @@ def start_lines(run) -> list[str]:
     rows = f"{len(run.packed_rows)} packed rows" if run.packed_rows is not None else \
         f"{len(run.train_examples)} examples"
     lines.append(f"lowrank: {run.total_steps} steps ({run.steps_per_epoch} per epoch over {rows}; "
-                 f"{cfg.batch_size} per micro-batch x {cfg.grad_accum} micro-batches x "
-                 f"{run.dist.world_size} process{'es' if run.dist.world_size > 1 else ''})")
+                 f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {run.dist.world_size} "
+                 f"process{'es' if run.dist.world_size > 1 else ''})")
     return lines
 
 
