@@ -28,8 +28,8 @@ BAD = {
     "r = 0": (["--r", "0"], r"r=0: expected an integer >= 1"),
     "unknown method": (["--method", "adapters"], r"--method: invalid choice: 'adapters'"),
     "grad-accum 0": (["--grad-accum", "0"], r"grad_accum=0: expected an integer >= 1"),
-    "lr not a number": (["--lr", "fast"], r"--lr: invalid float value: 'fast'"),
-    "unknown config key": (["--config", "{root}/typo.toml"], r"typo.toml: unknown key 'learning_rate'"),
+    "lr not a number": (["--lr", "fast"], r"--lr/--learning-rate: invalid float value: 'fast'"),
+    "unknown config key": (["--config", "{root}/typo.toml"], r"typo.toml: unknown key 'learning_rat'"),
     "bad replace": (["--replace", "name"], r"--replace 'name': expected KEY=VALUE"),
     "eval split": (["--eval-split", "1.5"], r"eval_split=1.5: expected a fraction in \[0, 1\)"),
     "lora flag on prefix": (["--method", "prefix", "--init-adapter", "{root}"], r"init_adapter is for method='lora'"),
@@ -51,7 +51,7 @@ BAD = {
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(setup, tmp_path, monkeypatch, capsys, case):
     root, model, data = setup
     (root / "bad.json").write_text('[{"instruction": "hi", "output": "yo"},\n {"instruction": ]')
-    (root / "typo.toml").write_text('learning_rate = 0.1\n')
+    (root / "typo.toml").write_text('learning_rat = 0.1\n')
     (root / "table.json").write_text("instruction,input,output\nhi,,yo\n")
     (root / "comma.json").write_text('[{"instruction": "hi", "output": "yo"},\n {"instruction": "a", "output": "b"},]')
     flags, message = BAD[case]

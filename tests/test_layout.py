@@ -28,7 +28,7 @@ LAYERS = {  # layer -> the layers it may import
     "train": {"helpers", "kernels", "models", "data", "adapters", "train"},
     "api": {"helpers", "kernels", "models", "data", "adapters", "train"},
 }
-CLIS = {"lowrank.generate", "lowrank.export"}
+CLIS = {"lowrank.generate", "lowrank.export", "lowrank.plot"}
 
 
 def sources() -> dict[str, tuple[str, bool]]:

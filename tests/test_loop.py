@@ -14,7 +14,7 @@ from lowrank.train.loop import (NonFiniteLossError, TrainConfig, build_run, epoc
                                 step_share, train_step)
 from lowrank.train.state import latest_checkpoint
 from tests.conftest import TOL
-from tests.train_helpers import read_metrics, tiny_model_dir, write_pretokenized
+from tests.train_helpers import interrupted_run, read_metrics, tiny_model_dir, write_pretokenized
 
 BETA1 = 0.9
 
@@ -275,3 +275,25 @@ def test_epoch_batches_and_eval_split_are_those_of_the_list_code(setup, alpaca, 
     rows = reference.pack_rows(train, cfg.max_len, cfg.seed, cfg.shuffle) if cfg.packing else None
     for epoch in (0, 1):
         same_batches(epoch_batches(run, epoch), reference.epoch_batches(train, cfg, run.pad_id, rows, epoch))
+
+
+def test_fractional_epochs_run_the_first_steps_of_the_epochs_and_resume_exactly(setup, tmp_path, monkeypatch):
+    """13 examples, batch 2, grad_accum 3: 7 micro-batches, 3 steps per epoch. epochs=1.5 runs
+    ceil(4.5) = 5 steps: the same run, step for step, as max_steps=5 (same schedule length)."""
+    base = dict(method="lora", shuffle=True, lr_scheduler="cosine", lr=5e-3, dropout=0.1, save_every=2)
+    by_epochs = finetune(config(setup, output=str(tmp_path / "e"), epochs=1.5, max_steps=0, **base))
+    by_steps = finetune(config(setup, output=str(tmp_path / "s"), max_steps=5, **base))
+    assert by_epochs.steps == 5 and len(by_epochs.losses) == 5
+    assert by_epochs.losses == by_steps.losses
+    assert read_metrics(tmp_path / "e")[0][-1]["epoch"] == pytest.approx(5 / 3, abs=1e-4)
+    assert build_run(config(setup, epochs=0.5, max_steps=0)).total_steps == 2  # ceil(0.5 * 3)
+    assert build_run(config(setup, epochs=1.1, max_steps=0, batch_size=1, grad_accum=13)).total_steps == 2
+
+    # Ctrl-C as step 4 starts, after checkpoint step-2
+    interrupted_run(monkeypatch, lambda: finetune(config(setup, output=str(tmp_path / "r"), epochs=1.5, max_steps=0,
+                                                         **base)), at_step=3)
+    resumed = finetune(config(setup, output=str(tmp_path / "r"), epochs=1.5, max_steps=0, resume=True, **base))
+    assert [r["loss"] for r in read_metrics(tmp_path / "r")[0]] == pytest.approx(by_epochs.losses, rel=1e-6)
+    a, b = by_epochs.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=0, msg=key)

@@ -152,7 +152,9 @@ LAYER_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "se
 
 
 @pytest.mark.parametrize("config,expected", [
-    (LoraConfig(), [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"]),
+    (LoraConfig(), [f"model.layers.{i}.{s}" for i in (0, 1) for s in LAYER_LINEARS]),  # the seven projections
+    (LoraConfig(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+     [f"model.layers.{i}.self_attn.{p}_proj" for i in (0, 1) for p in "qkvo"]),
     (LoraConfig(target_modules="all-linear"), [f"model.layers.{i}.{s}" for i in (0, 1) for s in LAYER_LINEARS]),
     (LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj"), ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]),
     (LoraConfig(target_modules=["v_proj", "mlp.gate_proj"], layers=[1]), ["model.layers.1.self_attn.v_proj", "model.layers.1.mlp.gate_proj"]),

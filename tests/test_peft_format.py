@@ -145,7 +145,9 @@ def test_tied_model_with_head_in_modules_to_save_both_ways(tied, tmp_path):
 
 def test_saved_adapter_holds_no_base_weight_and_peft_config_keys(tied, tmp_path):
     folder, _ = tied
-    model = perturb_trainables_(apply_lora(lowrank.load_model(folder), LoraConfig(r=4, alpha=8, dropout=0.1)))
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model = perturb_trainables_(apply_lora(lowrank.load_model(folder), LoraConfig(r=4, alpha=8, dropout=0.1,
+                                                                                  target_modules=attention)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a plain LoRA adapter is servable: no vLLM warning
         save_adapter(model, tmp_path / "a", base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")

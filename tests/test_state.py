@@ -11,7 +11,8 @@ import torch
 from lowrank.errors import ConfigError
 from lowrank.train.state import latest_checkpoint, prune_checkpoints, truncate_metrics
 from lowrank.train.loop import TrainConfig, finetune
-from tests.train_helpers import adapter_tensors, cli_env, read_metrics, run_module, tiny_model_dir, write_pretokenized
+from tests.train_helpers import (adapter_tensors, cli_env, interrupted_run, read_metrics, run_module, tiny_model_dir,
+                                 write_pretokenized)
 
 
 @pytest.fixture(scope="module")
@@ -65,24 +66,13 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_matches_the_uninterrupte
 
 @pytest.mark.parametrize("method", ["full", "prefix"])
 def test_resume_through_the_python_api_matches(setup, tmp_path, monkeypatch, method):
-    import lowrank.train.loop as training
-
     root, model, data = setup
     base = dict(model=str(model), data=str(data), method=method, batch_size=4, max_steps=5, lr=3e-3,
                 lr_scheduler="linear", save_every=3, progress=False, device="cpu", dtype="float32", seed=7)
     straight = finetune(TrainConfig(output=str(tmp_path / "a"), **base))
 
-    real = training.train_step
-
-    def interrupted(run, micro_batches, step):  # Ctrl-C as step 5 starts, after checkpoint step-3
-        if step == 4:
-            raise KeyboardInterrupt
-        return real(run, micro_batches, step)
-
-    monkeypatch.setattr(training, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        finetune(TrainConfig(output=str(tmp_path / "b"), **base))
-    monkeypatch.setattr(training, "train_step", real)
+    # Ctrl-C as step 5 starts, after checkpoint step-3
+    interrupted_run(monkeypatch, lambda: finetune(TrainConfig(output=str(tmp_path / "b"), **base)), at_step=4)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-3"
     resumed = finetune(TrainConfig(output=str(tmp_path / "b"), resume=True, **base))
 
@@ -124,3 +114,52 @@ def test_checkpoint_folder_rules(tmp_path):
     truncate_metrics(metrics, 4)
     kept = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert kept == [r for r in rows if r["step"] <= 4]
+
+
+def test_step_checkpoints_hold_a_peft_adapter_peft_loads(setup, tmp_path):
+    """checkpoints/step-N/ is a PEFT adapter folder too: PeftModel.from_pretrained loads it with
+    logits equal to lowrank's, its weights are the checkpoint's, and --init-adapter takes it."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import lowrank
+    from lowrank.train.loop import build_run
+    from safetensors.torch import load_file
+
+    root, model, data = setup
+    finetune(TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "out"), r=4, batch_size=3,
+                         max_steps=4, save_every=2, lr=1e-2, progress=False, device="cpu"))
+    step2 = tmp_path / "out" / "checkpoints" / "step-2"
+    ids = torch.randint(0, 257, (2, 11), generator=torch.Generator().manual_seed(3))
+    ours = lowrank.load_adapter(lowrank.load_model(model).eval(), step2)
+    hf = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), step2).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    trained = load_file(str(step2 / "trainable.safetensors"))
+    state = ours.state_dict()
+    assert trained and all(torch.equal(state[k], v) for k, v in trained.items())
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert all(v.abs().sum() > 0 for v in lora_b)  # trained: B has left zero
+    # --init-adapter step-2: the run starts from the checkpoint's weights.
+    run = build_run(TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "next"),
+                                init_adapter=str(step2), progress=False, device="cpu"))
+    state = run.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in trained.items())
+
+
+def test_freeze_step_checkpoints_are_model_folders_transformers_loads(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import lowrank
+
+    root, model, data = setup
+    finetune(TrainConfig(model=str(model), data=str(data), output=str(tmp_path / "out"), method="freeze",
+                         trainable_layers=1, batch_size=3, max_steps=2, save_every=1, lr=1e-2, progress=False,
+                         device="cpu"))
+    step1 = tmp_path / "out" / "checkpoints" / "step-1"
+    ids = torch.randint(0, 257, (2, 9), generator=torch.Generator().manual_seed(4))
+    ours, base = lowrank.load_model(step1).eval(), lowrank.load_model(model).eval()
+    hf = AutoModelForCausalLM.from_pretrained(step1, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ours(ids), base(ids))  # step 1's weights, not the base's

@@ -90,3 +90,27 @@ def test_data_cache_flags(tmp_path):
     assert flags().data_cache == "auto"
     assert flags("--data-cache", "/tmp/c").data_cache == "/tmp/c"
     assert flags("--no-data-cache").data_cache == "off" == toml(tmp_path, 'data_cache = "off"').data_cache
+
+
+def test_python_and_cli_default_lora_targets_agree(untied):
+    """LoraConfig() from Python, TrainConfig() and the CLI with no --target-modules adapt the same layers."""
+    folder, _ = untied
+    from_python = {p for p, _ in lora_modules(apply_lora(lowrank.load_model(folder), LoraConfig()))}
+    assert from_python == adapted(folder, TrainConfig(**RUN)) == adapted(folder, flags())
+    assert {p.rsplit(".", 1)[-1] for p in from_python} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                           "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(epochs=-0.5), "epochs=-0.5: expected a number >= 0"),
+    (dict(epochs=float("nan")), "epochs=nan"),
+    (dict(report_to=["tensorbored"]), "report_to=\\['tensorbored'\\]: expected one of none, tensorboard, wandb"),
+    (dict(report_to=["none", "wandb"]), "report_to=.*'none' or a list of trackers"),
+    (dict(logging_steps=-1), "logging_steps=-1: expected an integer >= 0"),
+    (dict(neftune_noise_alpha=0.0), "neftune_noise_alpha=0.0: expected a positive number"),
+])
+def test_bad_new_settings(settings, message):
+    from lowrank.train.config import check_config
+
+    with pytest.raises(ConfigError, match=message):
+        check_config(TrainConfig(**RUN, **settings))

@@ -97,3 +97,23 @@ def copy_tokenizer(folder, name: str = "qwen2.5-instruct-tokenizer-json") -> Pat
     for f in (FIXTURES / "tokenizers" / name).iterdir():
         shutil.copy2(f, Path(folder) / f.name)
     return Path(folder)
+
+
+def interrupted_run(monkeypatch, finetune_call, at_step: int):
+    """Run `finetune_call()` with a KeyboardInterrupt raised as step `at_step` (0-based) starts,
+    as a bare Ctrl-C would; train_step is restored afterwards."""
+    import pytest
+
+    import lowrank.train.loop as training
+
+    real = training.train_step
+
+    def interrupted(run, micro_batches, step):
+        if step == at_step:
+            raise KeyboardInterrupt
+        return real(run, micro_batches, step)
+
+    monkeypatch.setattr(training, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_call()
+    monkeypatch.setattr(training, "train_step", real)

@@ -33,9 +33,11 @@ from ..errors import ConfigError
 from ..kernels import lora_linear, lora_linear_merged
 from ..models.quantized import QuantizedLinear
 
-# Attention projections: the choice of the original LoRA paper's best runs and of most Qwen
-# / DeepSeek tutorials. "all-linear" adds the MLP (more capacity, ~2.5x the parameters).
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Every projection of attention and MLP: what SFT recipes for Qwen / DeepSeek set (LLaMA-Factory's
+# `lora_target: all`, unsloth's list, most of the tutorials this project was checked against), as
+# the QLoRA paper found LoRA on every linear layer needed to match full fine-tuning. The same
+# default as TrainConfig and the CLI; ["q_proj", "v_proj"] is the original paper's lighter setting.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INITS = ("kaiming", "gaussian")
 LINEAR = (nn.Linear, QuantizedLinear)  # what LoRA wraps: a dense or a quantised frozen linear
 BIASES = ("none", "all", "lora_only")

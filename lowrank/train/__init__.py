@@ -6,6 +6,8 @@
 - `prepare.py`: what the loop needs before step 0 (the method applied, examples, rows);
 - `loss.py`, `schedule.py`, `distributed.py`, `state.py` (checkpoints and exact resume);
 - `export.py`: `export_model`, a fine-tune as a complete Hugging Face folder;
+- `reporting.py`, `trackers.py`, `plot.py`: what a run prints, TensorBoard / wandb, loss curves;
+- `stopping.py` (Ctrl-C / SIGTERM), `neftune.py` (embedding noise);
 - `quickstart.py`: the tiny model built on the spot for `--quickstart`;
 - `__main__.py`: the command line, `python -m lowrank.train`.
 """

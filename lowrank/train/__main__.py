@@ -6,7 +6,8 @@
     torchrun --nproc_per_node N -m lowrank.train ...   # data-parallel
 
 One flag per TrainConfig field (flags.py). Exit status: 0 done, 1 the loss
-diverged (the last good checkpoint is kept), 2 bad flags or inputs (nothing written).
+diverged (the last good checkpoint is kept), 2 bad flags or inputs (nothing written), 130 / 143
+stopped by Ctrl-C / SIGTERM (after a checkpoint, see stopping.py; --resume continues).
 Nothing imports this module: the package's function is lowrank.train.finetune.
 """
 
@@ -44,6 +45,14 @@ def main(argv=None) -> int:
 
         print(f"lowrank: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, NonFiniteLossError) else 2
+    except KeyboardInterrupt as e:
+        from .stopping import Stopped
+
+        if isinstance(e, Stopped):
+            print(f"lowrank: {e}", file=sys.stderr)
+            return e.exit_status
+        print("lowrank: interrupted; --resume continues from the newest checkpoint, if any", file=sys.stderr)
+        return 130
     return 0
 
 

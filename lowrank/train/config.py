@@ -4,6 +4,10 @@ Every field carries its help text; the command line (`python -m lowrank.train`) 
 field from them (`lora_dropout` -> `--lora-dropout`), and a TOML file (`--config run.toml`) uses
 the field names as keys. Precedence: the defaults here < the TOML file < flags. The run writes the
 resolved settings to `run.toml` in its output folder, which `--config` reads back.
+
+A field's `aliases` are the names transformers / peft users carry over (`learning_rate` for `lr`):
+each is a flag and a TOML key for the same field. `switches` are HF's precision booleans
+(`--bf16`, `bf16 = true`), which set `dtype`.
 """
 
 from __future__ import annotations
@@ -14,17 +18,20 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..adapters.lora import module_names
+from ..adapters.lora import DEFAULT_TARGETS, module_names
 from ..errors import ConfigError
 from .schedule import SCHEDULES
 
 METHODS = ("lora", "prefix", "freeze", "full")
 # Learning rates that suit each method when none is given (LoRA and P-tuning v2 papers, common SFT practice).
 DEFAULT_LR = {"lora": 2e-4, "prefix": 1e-2, "freeze": 2e-5, "full": 1e-5}
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_PROJECTIONS = list(DEFAULT_TARGETS)  # LoraConfig's default: one default for Python, TOML and flags
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOSSES = ("fused", "plain")
 QUANTIZE = ("none", "nf4", "int8")
+TRACKERS = ("none", "tensorboard", "wandb")
+# transformers' precision booleans: each sets dtype (false for both, and no dtype: float32, as there).
+PRECISION_SWITCHES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def _f(default, help: str, group: str, **kw):
@@ -51,8 +58,9 @@ class TrainConfig:
     # ---- LoRA
     # --lora-r: under torchrun, `--r` is taken as an abbreviation of torchrun's own --rdzv-* / --role flags.
     r: int = _f(8, "LoRA rank (--lora-r is the same flag; use it under torchrun)", "lora", aliases=("lora_r",))
-    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)", "lora")
-    dropout: float = _f(0.05, "LoRA dropout on the adapter's input", "lora")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora)", "lora",
+                      aliases=("lora_alpha",))
+    dropout: float = _f(0.05, "LoRA dropout on the adapter's input", "lora", aliases=("lora_dropout",))
     target_modules: list = _f(ALL_PROJECTIONS, "module names that get LoRA (names or comma lists; 'all-linear': "
                               "every linear layer of the decoder layers)", "lora")
     use_rslora: bool = _f(False, "rank-stabilised LoRA scaling alpha / sqrt(r)", "lora")
@@ -68,8 +76,10 @@ class TrainConfig:
                                         "and these modules outside them (lm_head, embed_tokens, norm)", "freeze")
     # ---- data and batches
     max_len: int = _f(1024, "tokens per example (longer ones are cut); the packed row length with --packing", "data")
-    batch_size: int = _f(4, "examples (rows with --packing) per micro-batch, per process", "data")
-    grad_accum: int = _f(1, "micro-batches per optimizer step, per process", "data")
+    batch_size: int = _f(4, "examples (rows with --packing) per micro-batch, per process", "data",
+                         aliases=("per_device_train_batch_size",))
+    grad_accum: int = _f(1, "micro-batches per optimizer step, per process", "data",
+                         aliases=("gradient_accumulation_steps",))
     packing: bool = _f(False, "pack several examples into rows of max_len tokens", "data")
     shuffle: bool = _f(True, "shuffle the examples each epoch (--no-shuffle keeps the file order)", "data")
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)", "data")
@@ -79,40 +89,55 @@ class TrainConfig:
                             "data", flag="replace")
     eval_data: str | None = _f(None, "evaluation file (same formats as --data)", "data")
     eval_split: float = _f(0.0, "hold out this fraction of --data for evaluation (when no --eval-data)", "data")
-    eval_every: int = _f(0, "evaluate every N steps (0: at the end only); needs eval data", "data")
+    eval_every: int = _f(0, "evaluate every N steps (0: at the end only); needs eval data", "data",
+                         aliases=("eval_steps",))
     data_cache: str = _f("auto", "folder of the token cache, tokenised data kept for later runs and ranks ('auto': "
                          "$LOWRANK_CACHE/datasets or ~/.cache/lowrank/datasets; 'off' or --no-data-cache: none)",
                          "data", off="off")
     # ---- optimization
     lr: float | None = _f(None, "peak learning rate (default by method: " +
-                          ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim")
-    lr_scheduler: str = _f("cosine", f"learning-rate schedule: {', '.join(SCHEDULES)}", "optim", choices=SCHEDULES)
+                          ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim",
+                          aliases=("learning_rate",))
+    lr_scheduler: str = _f("cosine", f"learning-rate schedule: {', '.join(SCHEDULES)}", "optim", choices=SCHEDULES,
+                           aliases=("lr_scheduler_type",))
     warmup_steps: int = _f(0, "linear warmup steps", "optim")
     warmup_ratio: float = _f(0.0, "warmup as a fraction of the run (when --warmup-steps is 0)", "optim")
     min_lr: float = _f(0.0, "the learning rate linear and cosine decay to", "optim")
     weight_decay: float = _f(0.0, "AdamW weight decay (matrices only; not biases, norms or vectors)", "optim")
     max_grad_norm: float = _f(1.0, "clip the gradient norm to this (0: no clipping)", "optim")
-    epochs: int = _f(3, "passes over the data (when --max-steps is 0)", "optim")
+    epochs: float = _f(3.0, "passes over the data (when --max-steps is 0); a fraction runs "
+                       "ceil(epochs * steps per epoch) steps", "optim", aliases=("num_train_epochs",))
     max_steps: int = _f(0, "optimizer steps to run, cycling the data as needed (0: use --epochs)", "optim")
     seed: int = _f(0, "seed of the adapter init, the data order and dropout", "optim")
     aux_loss_coef: float = _f(0.0, "MoE models: weight of the router load-balancing loss (0: off, as usual "
                               "for fine-tuning)", "optim")
+    neftune_noise_alpha: float | None = _f(None, "NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) "
+                                           "on the input embeddings, in training only (5 is the paper's usual value)",
+                                           "optim")
     # ---- runtime
     dtype: str = _f("auto", "compute precision: auto (bf16 autocast on GPU, fp16 + loss scaling where bf16 is "
-                    "missing, fp32 on CPU), float32, bfloat16, float16", "runtime", choices=DTYPES)
+                    "missing, fp32 on CPU), float32, bfloat16, float16", "runtime", choices=DTYPES,
+                    switches=PRECISION_SWITCHES)
     device: str = _f("auto", "auto, cpu or cuda (under torchrun: one GPU per process)", "runtime",
                      choices=("auto", "cpu", "cuda"))
     gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)", "runtime")
     loss: str = _f("fused", "fused: LM head + cross-entropy without the logits; plain: full logits", "runtime",
                    choices=LOSSES)
-    save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)", "runtime")
+    save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)", "runtime",
+                         aliases=("save_steps",))
     keep_checkpoints: int = _f(3, "keep the newest K checkpoints (0: keep all)", "runtime")
     resume: bool = _f(False, "continue from the newest checkpoint in the output folder", "runtime")
     progress: bool = _f(True, "show a progress bar", "runtime")
+    # ---- watching a run
+    logging_steps: int = _f(0, "print a log line (step, loss, lr, grad norm, tokens/s) every N steps (0: only "
+                            "the bar); evaluations are always printed", "logging")
+    report_to: list = _f(["none"], f"send the metrics to: {', '.join(TRACKERS)} (several may be given)", "logging",
+                         choices=TRACKERS)
+    logging_dir: str | None = _f(None, "where the trackers write (default: OUTPUT/runs)", "logging")
 
     def __post_init__(self):
         # From Python a module list may come as a comma string or "all-linear", as in TOML and flags.
-        for name in ("target_modules", "trainable_modules"):
+        for name in ("target_modules", "trainable_modules", "report_to"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, coerce(name, getattr(self, name)))
         if self.quantize is None:
@@ -123,6 +148,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+ALIASES = {alias: name for name, f in FIELDS.items() for alias in f.metadata.get("aliases", ())}
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
@@ -134,7 +160,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
         if not getattr(cfg, name):
             raise ConfigError(f"{name} is required (--{name} or `{name} = ...` in the config file)")
     for name, f in FIELDS.items():
-        if "choices" in f.metadata and getattr(cfg, name) not in f.metadata["choices"]:
+        value = getattr(cfg, name)
+        if "choices" in f.metadata and not all(v in f.metadata["choices"] for v in
+                                               (value if isinstance(value, list) else [value])):
             bad(name, f"one of {', '.join(f.metadata['choices'])}")
     if cfg.train_on not in ("all_turns", "last_turn"):
         bad("train_on", "all_turns or last_turn")
@@ -142,9 +170,11 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     for name in positive:
         if getattr(cfg, name) < 1:
             bad(name, "an integer >= 1")
-    for name in ("epochs", "max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints", "logging_steps"):
         if getattr(cfg, name) < 0:
             bad(name, "an integer >= 0")
+    if not (math.isfinite(cfg.epochs) and cfg.epochs >= 0):
+        bad("epochs", "a number >= 0")
     if cfg.max_len < 2:
         bad("max_len", "at least 2 (one token predicts the next)")
     if cfg.epochs == 0 and cfg.max_steps == 0:
@@ -171,6 +201,14 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.quantize != "none" and cfg.method in ("freeze", "full"):
         raise ConfigError(f"quantize={cfg.quantize!r} with method={cfg.method!r}: a quantised weight cannot be trained; "
                           "use method='lora' (QLoRA) or 'prefix', or load the base unquantised")
+    if cfg.neftune_noise_alpha is not None and not (math.isfinite(cfg.neftune_noise_alpha)
+                                                    and cfg.neftune_noise_alpha > 0):
+        bad("neftune_noise_alpha", "a positive number (leave it unset for no noise)")
+    if not cfg.report_to or ("none" in cfg.report_to and len(cfg.report_to) > 1):
+        bad("report_to", "'none' or a list of trackers")
+    from .trackers import require_trackers
+
+    require_trackers(cfg.report_to)  # an optional extra that is missing: a ConfigError before anything runs
     if cfg.init_adapter and cfg.method != "lora":
         raise ConfigError(f"init_adapter is for method='lora', not {cfg.method!r}")
     return cfg
@@ -187,15 +225,28 @@ def read_toml(path) -> dict:
         raise ConfigError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    out = {}
+    out, given, switched_off = {}, {}, False
     for key, value in raw.items():
         name = key.replace("-", "_")
+        if name in PRECISION_SWITCHES:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: key {key!r} = {value!r}: expected true or false")
+            switched_off |= not value
+            if not value:
+                continue
+            name, value = "dtype", PRECISION_SWITCHES[name]
+        name = ALIASES.get(name, name)
         if name not in FIELDS:
             raise ConfigError(f"{path}: unknown key {key!r}; see `python -m lowrank.train --help`")
+        if name in given:
+            raise ConfigError(f"{path}: keys {given[name]!r} and {key!r} both set {name}; keep one")
+        given[name] = key
         try:
             out[name] = coerce(name, value)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+    if switched_off and "dtype" not in out:
+        out["dtype"] = "float32"
     return out
 
 

@@ -1,6 +1,11 @@
 """The flags of `python -m lowrank.train`, one per TrainConfig field, made from the field's help
 text (`lora_dropout` -> `--lora-dropout`), and the TrainConfig they give. Kept apart from
-`__main__.py` so that tests and other command lines can parse the same flags without running one."""
+`__main__.py` so that tests and other command lines can parse the same flags without running one.
+
+A field's `aliases` (config.py) are more flags for it (`--learning-rate` for `--lr`); its
+`switches` are flags that set it to a value (`--bf16` sets `dtype` to bfloat16). Every flag
+also takes the underscore spelling transformers' scripts use (`--per_device_train_batch_size`),
+left out of --help. Where two flags set one field, the last one given wins, as for any flag."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ GROUPS = {
     "data": "data and batches",
     "optim": "optimization",
     "runtime": "runtime, checkpoints, resume",
+    "logging": "watching a run: log lines, TensorBoard, wandb",
 }
 
 
@@ -48,19 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
         kw = dict(dest=name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
         group = groups[f.metadata["group"]]
         if kind == "bool":
-            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+            spec = dict(action=argparse.BooleanOptionalAction)
         elif kind == "list":
-            group.add_argument(*flags, nargs="+", metavar="NAME", **kw)
+            spec = dict(nargs="+", metavar="NAME")
         elif kind == "dict":
-            group.add_argument(*flags, action="append", metavar="KEY=VALUE", **kw)
+            spec = dict(action="append", metavar="KEY=VALUE")
         else:
-            group.add_argument(*flags, type={"int": int, "float": float}.get(kind, str),
-                               choices=f.metadata.get("choices"), metavar=None if "choices" in f.metadata else
-                               name.upper(), **kw)
+            spec = dict(type={"int": int, "float": float}.get(kind, str), choices=f.metadata.get("choices"),
+                        metavar=None if "choices" in f.metadata else name.upper())
+        group.add_argument(*flags, **spec, **kw)
+        _hidden(parser, flags, spec, name)
         if "off" in f.metadata:  # --no-data-cache: the field's "off" value
             group.add_argument("--no-" + flags[0][2:], action="store_const", const=f.metadata["off"], dest=name,
                                default=argparse.SUPPRESS, help=f"same as {flags[0]} {f.metadata['off']}")
+        for switch, value in f.metadata.get("switches", {}).items():
+            flags = ["--" + switch]
+            group.add_argument(*flags, action="store_const", const=value, dest=name, default=argparse.SUPPRESS,
+                               help=f"the same as --{name.replace('_', '-')} {value}")
+            _hidden(parser, flags, dict(action="store_const", const=value), name)
     return parser
+
+
+def _hidden(parser, flags: list[str], spec: dict, dest: str) -> None:
+    """The underscore spellings of `flags`, accepted but not listed in --help."""
+    spellings = [f"--{flag[2:].replace('-', '_')}" for flag in flags if "-" in flag[2:]]
+    if spec.get("action") is argparse.BooleanOptionalAction:
+        spec = dict(spec, action="store_true")  # its --no-x form is not copied
+    if spellings:
+        parser.add_argument(*spellings, **spec, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _show(value) -> str:

@@ -24,13 +24,12 @@ epoch e is a permutation seeded by seed + e.
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +46,12 @@ from ..kernels import linear_cross_entropy
 from .loss import IGNORE_INDEX, count_trainable_tokens, masked_cross_entropy
 from .schedule import lr_at, warmup_steps_for
 from .config import TrainConfig, check_config, to_toml
+from .neftune import add_neftune, remove_neftune
 from .prepare import apply_method, autocast_dtype_for, check_max_len, load_examples, load_tokenizer_for, pack_rows
+from .reporting import RunLog, say, start_lines, summary_line, write_loss_plot
 from .state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           trainable_state, truncate_metrics)
+from .stopping import Stopped, catch_signals
 
 __all__ = ["TrainConfig", "Run", "TrainResult", "NonFiniteLossError", "finetune", "build_run", "epoch_batches",
            "step_share", "train_step", "evaluate", "causal_lm_loss", "save_trained"]
@@ -78,6 +80,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    data_reports: list = field(default_factory=list)  # load_dataset's DataReport of each file read
 
     @property
     def device(self) -> torch.device:
@@ -106,13 +109,15 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     autocast_dtype = autocast_dtype_for(cfg.dtype, info.device)
     tokenizer = load_tokenizer_for(cfg)
     check_max_len(cfg)
-    train, evals = load_examples(cfg, tokenizer)  # before the model: bad data fails in seconds
+    train, evals, reports = load_examples(cfg, tokenizer)  # before the model: bad data fails in seconds
     # Frozen weights are kept in the compute dtype (half the memory under bf16); trained ones in fp32.
     frozen_dtype = autocast_dtype if autocast_dtype is not None and cfg.method != "full" else torch.float32
     model = load_model(cfg.model, dtype=frozen_dtype, device=info.device,
                        quantize=None if cfg.quantize == "none" else cfg.quantize)
     torch.manual_seed(cfg.seed)  # the adapter's initial weights
     apply_method(model, cfg)
+    if cfg.neftune_noise_alpha:
+        add_neftune(model, cfg.neftune_noise_alpha)
     trainable = list(trainable_state(model).values())
     if not trainable:
         raise ConfigError(f"method={cfg.method!r} left no parameter to train")
@@ -130,7 +135,8 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     packed_rows = pack_rows(train, cfg) if cfg.packing else None
     n_micro = math.ceil((len(packed_rows) if cfg.packing else len(train)) / cfg.batch_size)
     steps_per_epoch = math.ceil(n_micro / (cfg.grad_accum * info.world_size))
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # Fractional epochs round up; the epsilon keeps 1.1 * 10 (= 11.000000000000002) at 11 steps.
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch - 1e-9)
     warmup = warmup_steps_for(total, cfg.warmup_steps, cfg.warmup_ratio)
 
     decay = [p for p in trainable if p.dim() >= 2]
@@ -141,7 +147,7 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
     loss_module = dist.wrap(LossModule(model, fused=cfg.loss == "fused"), info)
     return Run(cfg, model, tokenizer, train, evals, loss_module, optimizer, scaler, autocast_dtype, info, pad_id,
-               packed_rows, steps_per_epoch, total, warmup)
+               packed_rows, steps_per_epoch, total, warmup, reports)
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -321,63 +327,78 @@ def _finetune(run: Run) -> TrainResult:
 
     # Everything above only reads: bad settings or inputs fail before the output folder is touched.
     metrics_path = out / "metrics.jsonl"
+    log = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         # The settings as resolved, the method's default learning rate included.
-        text = to_toml(replace(cfg, lr=cfg.resolved_lr()))
+        settings = replace(cfg, lr=cfg.resolved_lr())
+        text = to_toml(settings)
         write_atomic(out / "run.toml", lambda tmp: tmp.write_text(text, encoding="utf-8"))
         if start:
             truncate_metrics(metrics_path, start)
         else:
             metrics_path.unlink(missing_ok=True)
+        for line in start_lines(run):
+            say(line)
+        log = RunLog(cfg, out, start, run.total_steps, settings=asdict(settings))
     dist.barrier(info)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=run.total_steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (info.is_main and cfg.progress))
-    log = open(metrics_path, "a", encoding="utf-8") if info.is_main else None
     losses, evaluated, t_run, tokens_run = [], {}, time.perf_counter(), 0
     batches, batches_epoch, step = None, None, start
     try:
-        while step < run.total_steps:
-            epoch, k = divmod(step, run.steps_per_epoch)
-            if epoch != batches_epoch:
-                batches, batches_epoch = epoch_batches(run, epoch), epoch
-            t0 = time.perf_counter()
-            try:
-                row = train_step(run, step_share(run, batches, k), step)
-            except NonFiniteLossError as e:
-                kept = latest_checkpoint(checkpoints)
-                raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none yet'}") from None
-            seconds = time.perf_counter() - t0
-            step += 1
-            tokens_run += row["tokens"]
-            losses.append(row["loss"])
-            row = {"step": step, **row, "tokens_per_s": row["tokens"] / seconds,
-                   "peak_mem_mb": peak_mem_mb(run.device), "epoch": round(epoch + (k + 1) / run.steps_per_epoch, 4)}
-            _log(log, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            if run.eval_examples and (step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                evaluated = evaluate(run)
-                _log(log, {"step": step, **evaluated})
-            if step == run.total_steps or (cfg.save_every and step % cfg.save_every == 0):
-                _save_checkpoint(run, checkpoints, step)
+        with catch_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, checkpoint, raise Stopped
+            while step < run.total_steps:
+                epoch, k = divmod(step, run.steps_per_epoch)
+                if epoch != batches_epoch:
+                    batches, batches_epoch = epoch_batches(run, epoch), epoch
+                t0 = time.perf_counter()
+                try:
+                    row = train_step(run, step_share(run, batches, k), step)
+                except NonFiniteLossError as e:
+                    kept = latest_checkpoint(checkpoints)
+                    raise NonFiniteLossError(f"{e}; last good checkpoint: {kept or 'none yet'}") from None
+                seconds = time.perf_counter() - t0
+                step += 1
+                tokens_run += row["tokens"]
+                losses.append(row["loss"])
+                row = {"step": step, **row, "tokens_per_s": row["tokens"] / seconds,
+                       "peak_mem_mb": peak_mem_mb(run.device), "epoch": round(epoch + (k + 1) / run.steps_per_epoch, 4)}
+                if log:
+                    log.train(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if run.eval_examples and (step == run.total_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    evaluated = evaluate(run)
+                    if log:
+                        log.evaluation({"step": step, **evaluated})
+                saved = step == run.total_steps or (cfg.save_every and step % cfg.save_every == 0)
+                stopping = stop.requested(info)
+                if saved or stopping:
+                    _save_checkpoint(run, checkpoints, step)
+                if stopping and step < run.total_steps:
+                    if info.is_main:
+                        write_loss_plot(out)
+                    raise Stopped(step, stop.signum, checkpoints / f"step-{step}")
     finally:
         bar.close()
         if log:
             log.close()
+        remove_neftune(run.model)
 
     adapter = out / "adapter"
     if info.is_main:
         save_trained(run, adapter)
+        write_loss_plot(out)
     dist.barrier(info)
     seconds = time.perf_counter() - t_run
     result = TrainResult(out, adapter, step, losses, evaluated.get("eval_loss"),
                          tokens_run / seconds if losses else 0.0, peak_mem_mb(run.device), run.model, run.tokenizer)
     if info.is_main:
-        print(_summary(result, start, seconds), flush=True)
+        print(summary_line(result, start, seconds), flush=True)
     return result
 
 
@@ -395,7 +416,9 @@ def _save_checkpoint(run: Run, folder: Path, step: int) -> None:
         epoch, k = divmod(step, run.steps_per_epoch)
         state = {"epoch": epoch, "step_in_epoch": k, "run": _fingerprint(run),
                  "scaler": run.scaler.state_dict() if run.scaler is not None else None}
-        save_checkpoint(folder, step, run.model, run.optimizer, state)
+        # The checkpoint also holds the result so far in its usable form, as transformers'
+        # checkpoint-N does: --init-adapter, lowrank.generate and PEFT load it as it is.
+        save_checkpoint(folder, step, run.model, run.optimizer, state, usable=lambda d: write_trained(run, d))
         prune_checkpoints(folder, run.config.keep_checkpoints)
     dist.barrier(run.dist)
 
@@ -404,23 +427,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
-def save_trained(run: Run, folder) -> Path:
-    """The result: a PEFT adapter (lora, prefix), or a whole HF-format model with its tokenizer
-    (freeze, full), written beside `folder` and renamed into place."""
+def write_trained(run: Run, folder) -> None:
+    """Write the result into `folder` as it is: a PEFT adapter (lora, prefix), or a whole HF-format
+    model with its tokenizer (freeze, full)."""
     folder, cfg = Path(folder), run.config
     if cfg.method in ("lora", "prefix"):
         from ..adapters.peft_format import save_adapter
 
-        # save_adapter writes each file under a temporary name and the config last.
-        return save_adapter(run.model, folder, base_model_name_or_path=cfg.model)
-    partial = folder.with_name(folder.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    save_model(run.model, partial, dtype=run.model.config.dtype or torch.float32)
+        save_adapter(run.model, folder, base_model_name_or_path=cfg.model)
+        return
+    save_model(run.model, folder, dtype=run.model.config.dtype or torch.float32)
     source = Path(cfg.tokenizer or cfg.model)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
-            shutil.copy2(source / name, partial / name)
+            shutil.copy2(source / name, folder / name)
+
+
+def save_trained(run: Run, folder) -> Path:
+    """The result (write_trained), written beside `folder` and renamed into place."""
+    folder = Path(folder)
+    if run.config.method in ("lora", "prefix"):
+        write_trained(run, folder)  # save_adapter writes each file under a temporary name and the config last
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    write_trained(run, partial)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():
@@ -446,20 +478,3 @@ def peak_mem_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux; no /proc elsewhere
-
-
-def _log(file, row: dict) -> None:
-    if file is not None:
-        file.write(json.dumps(row) + "\n")
-        file.flush()
-
-
-def _summary(result: TrainResult, start: int, seconds: float) -> str:
-    if not result.losses:
-        return f"lowrank: nothing to train (the checkpoint is at step {result.steps}); saved {result.adapter}"
-    loss = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}"
-    if result.eval_loss is not None:
-        loss += f", eval loss {result.eval_loss:.4f} (ppl {math.exp(min(result.eval_loss, 700)):.2f})"
-    resumed = f" (resumed at step {start})" if start else ""
-    return (f"lowrank: {result.steps - start} steps{resumed} in {seconds:.1f} s, {loss}, "
-            f"{result.tokens_per_s:.0f} tokens/s, peak {result.peak_mem_mb:.0f} MB; saved {result.adapter}")

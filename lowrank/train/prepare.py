@@ -106,22 +106,24 @@ def check_max_len(cfg: TrainConfig) -> None:
                           f"({Path(cfg.model) / 'config.json'}); use --max-len {limit} or less")
 
 
-def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples]:
-    """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
+def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples, list]:
+    """(training examples, eval examples, the DataReport of each file read): --eval-data, or an
+    eval_split held out by a seeded draw."""
     cache_dir = None if cfg.data_cache == "off" else default_cache_dir() if cfg.data_cache == "auto" else cfg.data_cache
     kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system, cache_dir=cache_dir)
-    train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
+    train, report = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
-        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
+        evals, eval_report = load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)
+        return train, evals, [report, eval_report]
     if not cfg.eval_split:
-        return train, train.subset([])
+        return train, train.subset([]), [report]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
     n_eval = max(1, round(cfg.eval_split * len(train)))
     if n_eval >= len(train):
         raise ConfigError(f"eval_split={cfg.eval_split} leaves no training example of {len(train)}")
     held = np.zeros(len(train), dtype=bool)
     held[order[:n_eval].numpy()] = True
-    return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
+    return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held)), [report]
 
 
 def pack_rows(examples, cfg: TrainConfig) -> IndexGroups:

@@ -6,7 +6,10 @@ A checkpoint is a folder ``checkpoints/step-N/``:
 - ``optimizer.safetensors``: the optimizer's per-parameter state (AdamW: ``step``, ``exp_avg``,
   ``exp_avg_sq``) as ``{parameter name}.{key}``;
 - ``state.json``: the step, the data position (epoch and step within it), the grad scaler's state,
-  and the settings a resumed run must share with this one.
+  and the settings a resumed run must share with this one;
+- the result so far in its usable form, written by the loop (``usable``): a PEFT adapter
+  (``adapter_config.json``, ``adapter_model.safetensors``) or, for freeze / full, a model folder
+  (``config.json``, ``model.safetensors``, the tokenizer). Resuming reads none of it.
 
 Nothing is pickled, so a checkpoint from anywhere loads without running code. The learning-rate
 schedule and the random state need no files: the LR is a function of the step (schedule.py) and
@@ -45,8 +48,9 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(folder, step: int, model, optimizer, state: dict) -> Path:
-    """Write checkpoint `step` under `folder` (the run's checkpoints/ folder) and return its path."""
+def save_checkpoint(folder, step: int, model, optimizer, state: dict, usable=None) -> Path:
+    """Write checkpoint `step` under `folder` (the run's checkpoints/ folder) and return its path.
+    `usable(path)`, if given, writes more files into the checkpoint before it is complete."""
     folder = Path(folder)
     final = folder / f"step-{step}"
     partial = folder / f"step-{step}.partial"
@@ -62,6 +66,8 @@ def save_checkpoint(folder, step: int, model, optimizer, state: dict) -> Path:
     opt = {f"{by_param[p]}.{key}": value for p, values in optimizer.state.items() for key, value in values.items()
            if isinstance(value, torch.Tensor)}
     _save_tensors(partial / "optimizer.safetensors", opt)
+    if usable is not None:
+        usable(partial)
     _write_text(partial / "state.json", json.dumps(dict(state, step=step), indent=2) + "\n")
 
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
