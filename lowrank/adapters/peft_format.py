@@ -11,6 +11,10 @@ Modules trained whole (`modules_to_save`) are written under their plain names
 (`...q_proj.base_layer.bias` for an adapted layer), as peft 0.21 writes them. The config
 carries the keys every PEFT release since 0.6 reads, so older PEFT and vLLM load it too.
 Prefix tuning is converted by `prefix.py`; this file only dispatches to it.
+
+A model whose checkpoint names its modules otherwise (Qwen3.5's multimodal checkpoints keep the
+text model under `model.language_model.`) says so with `model.checkpoint_key(name)`; the keys
+written and read are then the checkpoint's names, which PEFT uses on the checkpoint's own class.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ from .lora import (LoraConfig, apply_lora, lora_biases, lora_modules, resolve_mo
 from .prefix import has_prefix, load_prefix_from_peft, prefix_to_peft
 
 PREFIX = "base_model.model."
+
+
+def _peft_key(model, name: str) -> str:
+    """PEFT's key for a module or parameter name of the model."""
+    return PREFIX + getattr(model, "checkpoint_key", lambda k: k)(name)
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 
@@ -127,8 +136,9 @@ def lora_to_peft(model) -> tuple[dict, dict]:
     t = cfg.target_modules
     if t == "all-linear":
         targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    elif isinstance(t, str):
-        targets = t if layers is None else paths  # PEFT ignores layers_to_transform for a regex
+    elif isinstance(t, str):  # PEFT ignores layers_to_transform for a regex; its paths may be named otherwise
+        renamed = any(_peft_key(model, p) != PREFIX + p for p in paths)
+        targets = t if layers is None and not renamed else [_peft_key(model, p)[len(PREFIX):] for p in paths]
     else:
         targets = list(t)
     config = {
@@ -143,13 +153,13 @@ def lora_to_peft(model) -> tuple[dict, dict]:
     }
     tensors = {}
     for path, m in wrapped:
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
+        tensors[_peft_key(model, f"{path}.lora_A.weight")] = m.lora_A.weight
+        tensors[_peft_key(model, f"{path}.lora_B.weight")] = m.lora_B.weight
     for name, p in lora_biases(model, cfg.bias):
-        tensors[PREFIX + name] = p
+        tensors[_peft_key(model, name)] = p
     for s in resolve_modules_to_save(model, cfg.modules_to_save):
         for name, p in model.get_submodule(s).named_parameters():
-            tensors[f"{PREFIX}{s}.{name}"] = p
+            tensors[_peft_key(model, f"{s}.{name}")] = p
     return config, tensors
 
 
@@ -182,10 +192,10 @@ def load_lora_from_peft(model, adapter_config: dict, tensors: dict, folder: Path
             raise CheckpointError(f"{weights}: tensor {key!r} is {tensors[key].dtype}, expected floating point")
 
     apply_lora(model, cfg)
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = {_peft_key(model, n): p for n, p in model.named_parameters(remove_duplicate=False)}
     with torch.no_grad():
         for key, t in tensors.items():
-            params[key[len(PREFIX):]].copy_(t)
+            params[key].copy_(t)
     return model
 
 
@@ -232,18 +242,18 @@ def _expected_tensors(model, cfg: LoraConfig, targets: list[str], saved: list[st
     expected, targets = {}, set(targets)
     for path in targets:
         lin = model.get_submodule(path)
-        expected[f"{PREFIX}{path}.lora_A.weight"] = (cfg.r, lin.in_features)
-        expected[f"{PREFIX}{path}.lora_B.weight"] = (lin.out_features, cfg.r)
+        expected[_peft_key(model, f"{path}.lora_A.weight")] = (cfg.r, lin.in_features)
+        expected[_peft_key(model, f"{path}.lora_B.weight")] = (lin.out_features, cfg.r)
     if cfg.bias != "none":
         for path, m in model.named_modules():
             b = m._parameters.get("bias")
             if b is None or (cfg.bias == "lora_only" and path not in targets):
                 continue
             name = f"{path}.base_layer.bias" if path in targets else f"{path}.bias"
-            expected[PREFIX + name] = tuple(b.shape)
+            expected[_peft_key(model, name)] = tuple(b.shape)
     for s in saved:
         for name, p in model.get_submodule(s).named_parameters():
-            expected[f"{PREFIX}{s}.{name}"] = tuple(p.shape)
+            expected[_peft_key(model, f"{s}.{name}")] = tuple(p.shape)
     return expected
 
 

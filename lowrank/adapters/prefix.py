@@ -113,6 +113,12 @@ def has_prefix(model) -> bool:
 
 def _new_encoder(model, num_tokens: int, projection_hidden: int | None = None) -> PrefixEncoder:
     cfg, ref = model.config, model.model.embed_tokens.weight
+    if any(not hasattr(layer, "self_attn") for layer in model.model.layers):
+        raise ConfigError(
+            f"prefix tuning: {cfg.model_type} has linear-attention (Gated DeltaNet) layers, which keep a recurrent "
+            "state rather than keys and values; PEFT 0.21 cannot prefix-tune these models either (its prefix cache "
+            "gives every layer keys and values, which transformers' linear layers refuse), so no PEFT or vLLM user "
+            "could load such an adapter: use LoRA")
     encoder = PrefixEncoder(num_tokens, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                             projection_hidden)
     # Prefixes train in fp32 even on a bf16 model (the decoder casts them per layer).

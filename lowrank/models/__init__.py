@@ -2,8 +2,9 @@
 
 - `config.py` (the dense families' config readers) and `moe_config.py` (the MoE / MLA ones);
 - `families.py`: model_type -> config reader and module (`read_config`, `build_model`);
-- the decoders: `decoder.py` (Qwen2 / Qwen3 / Llama), `qwen_moe.py`, `deepseek.py`, with
-  `moe.py` and `rope.py` shared;
+- the decoders: `decoder.py` (Qwen2 / Qwen3 / Llama), `qwen_moe.py`, `deepseek.py`,
+  `qwen3_5.py` (Qwen3.5 / 3.6 / Qwen3-Next, config in `qwen3_5_config.py`), with `moe.py` and
+  `rope.py` shared;
 - `checkpoint.py`: `load_model` / `save_model`; `generation.py`: `generate`.
 """
 

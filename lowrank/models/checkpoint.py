@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,24 +157,31 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device) if device is not None else torch.device("cpu")
     quantizer = Quantizer(model, quantize, device)
+    # Checkpoint key -> module name, or None for weights beside the causal LM (a vision tower).
+    model_key = getattr(model, "model_key", lambda k: k)
+    outside: dict[str, str] = {}
     for f in files:
         header, start = read_header(f)
         with open(f, "rb") as fh:
             for key, (t_dtype, shape, begin, end) in header.items():
-                if _skipped(key, cfg):
+                name = model_key(key)
+                if name is None:
+                    outside[key] = str(f)
                     continue
-                read = lambda: _cast(key, read_tensor(fh, start, t_dtype, shape, begin, end), dtype)  # noqa: E731
-                if quantizer.take(f, key, t_dtype, read):
+                if _skipped(name, cfg):
                     continue
-                if key not in expected:
+                read = lambda: _cast(name, read_tensor(fh, start, t_dtype, shape, begin, end), dtype)  # noqa: E731
+                if quantizer.take(f, name, t_dtype, read):
+                    continue
+                if name not in expected:
                     raise CheckpointError(f"{f}: unexpected tensor {key!r} for a {cfg.model_type} model")
-                if key in state:
+                if name in state:
                     raise CheckpointError(f"{f}: tensor {key!r} appears in more than one shard")
-                if tuple(shape) != tuple(expected[key].shape):
+                if tuple(shape) != tuple(expected[name].shape):
                     raise CheckpointError(
-                        f"{f}: tensor {key!r} has shape {shape}, the config implies {list(expected[key].shape)}"
+                        f"{f}: tensor {key!r} has shape {shape}, the config implies {list(expected[name].shape)}"
                     )
-                state[key] = _cast(key, read_tensor(fh, start, t_dtype, shape, begin, end), dtype).to(device)
+                state[name] = _cast(name, read_tensor(fh, start, t_dtype, shape, begin, end), dtype).to(device)
     dtypes = {t.dtype for k, t in state.items() if t.is_floating_point() and not _KEEP_FP32.match(k)}
     settled = dtype or (cfg.dtype if cfg.dtype in dtypes or not dtypes else max(dtypes, key=lambda d: torch.finfo(d).bits))
     done = quantizer.finish(model, state, settled)
@@ -187,6 +195,12 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
         state = {k: _cast(k, t, target) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if outside:
+        warnings.warn(f"{folder}: lowrank loads the language model only; {len(outside)} tensors beside it "
+                      f"({', '.join(sorted({'.'.join(k.split('.')[:2 if k.startswith('model.') else 1]) for k in outside}))}.*) "
+                      "are not loaded, and save_model copies them through from this folder", UserWarning,
+                      stacklevel=2)
+        model.outside_tensors = outside  # key -> file, for save_model
     return model
 
 
@@ -199,6 +213,23 @@ def _shard_bytes(size) -> int:
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
     return int(float(m.group(1)) * mult)
+
+
+def _outside_tensors(model, dtype) -> dict[str, torch.Tensor]:
+    """The tensors load_model left aside (a vision tower), read again from their files."""
+    by_file: dict[str, list[str]] = {}
+    for key, f in getattr(model, "outside_tensors", {}).items():
+        by_file.setdefault(f, []).append(key)
+    out = {}
+    for f, keys in by_file.items():
+        if not Path(f).is_file():
+            raise LowrankError(f"save_model: {f}, which holds {keys[0]!r} (not part of the language model), is "
+                               "gone; the folder the model was loaded from must still be there to copy it through")
+        header, start = read_header(Path(f))
+        with open(f, "rb") as fh:
+            for k in keys:
+                out[k] = _cast(k, read_tensor(fh, start, *header[k]), dtype)
+    return out
 
 
 def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = None) -> Path:
@@ -224,9 +255,11 @@ def save_model(model, path, max_shard_size="5GB", dtype: torch.dtype | None = No
             "merge the adapter (lowrank.merge_adapter) or save it with lowrank.save_adapter"
         )
     tensors = {}
+    checkpoint_key = getattr(model, "checkpoint_key", lambda k: k)
     for k in [*expected, *sorted(quantized - expected.keys())]:
         t = state[k].detach() if k in quantized else _cast(k, state[k].detach(), dtype)
-        tensors[k] = t.to("cpu").contiguous()
+        tensors[checkpoint_key(k)] = t.to("cpu").contiguous()
+    tensors.update(_outside_tensors(model, dtype))
     limit = _shard_bytes(max_shard_size)
     shards: list[dict] = [{}]
     size = 0

@@ -12,6 +12,8 @@ from .config import ModelConfig, _Reader, llama, qwen2, qwen3
 from .decoder import CausalLM
 from .deepseek import DeepseekForCausalLM
 from .moe_config import deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe
+from .qwen3_5 import Qwen35ForCausalLM
+from .qwen3_5_config import qwen3_5
 from .qwen_moe import QwenMoeForCausalLM
 
 # model_type -> (config reader, module class)
@@ -23,6 +25,9 @@ FAMILIES = {
     "qwen3_moe": (qwen3_moe, QwenMoeForCausalLM),
     "deepseek_v2": (deepseek_v2, DeepseekForCausalLM),
     "deepseek_v3": (deepseek_v3, DeepseekForCausalLM),
+    # hybrid Gated DeltaNet: multimodal checkpoints (text_config nested) and text-only ones
+    **{t: (qwen3_5, Qwen35ForCausalLM) for t in
+       ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next")},
 }
 
 
