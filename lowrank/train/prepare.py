@@ -84,7 +84,8 @@ def load_tokenizer_for(cfg: TrainConfig):
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
-    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system)
+    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system,
+              chat_template_kwargs=None if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
     train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
         return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
