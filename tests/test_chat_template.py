@@ -73,7 +73,8 @@ def test_folder_template_matches_transformers(pairs, folder, conversation, add_g
     assert tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True) == ids
 
 
-@pytest.mark.parametrize("template", ["Qwen2.5-Instruct", "Qwen3-0.6B", "DeepSeek-R1-Distill-Qwen", "DeepSeek-V3"])
+@pytest.mark.parametrize("template", ["Qwen2.5-Instruct", "Qwen3-0.6B", "Qwen3.5", "DeepSeek-R1-Distill-Qwen",
+                                      "DeepSeek-V3"])
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
 def test_template_files_match_transformers(pairs, template, conversation):
     source = (TEMPLATES / f"{template}.jinja").read_text(encoding="utf-8")
@@ -84,6 +85,41 @@ def test_template_files_match_transformers(pairs, template, conversation):
         expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False, **kwargs)
         gen = kwargs.pop("add_generation_prompt")
         assert render_chat(source, messages, gen, **tok.template_tokens, **kwargs) == expected
+
+
+QWEN35_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                   "parameters": {"type": "object",
+                                                                  "properties": {"city": {"type": "string"}}}}}]
+QWEN35_AGENT = [
+    {"role": "system", "content": "You are a weather bot."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "Checking.", "reasoning_content": "Two calls.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
+        {"function": {"name": "get_weather", "arguments": {"city": "Rome", "opts": {"unit": "C"}, "hours": [1, 2]}}}]},
+    {"role": "tool", "content": '{"temp": 20}'},
+    {"role": "tool", "content": '{"temp": 25}'},
+    {"role": "assistant", "content": "<think>\nRome is warmer.\n</think>\n\nParis 20, Rome 25."},
+    {"role": "user", "content": "<tool_response>\nnot a query\n</tool_response>"},
+    {"role": "assistant", "content": "Noted.", "thinking": "A tool response from the user."},
+]
+
+
+def test_qwen35_template_tools_and_thinking_match_transformers(pairs):
+    # Qwen3.5: tools in the system prompt, XML tool calls, tool responses folded into user turns,
+    # reasoning from reasoning_content / thinking / <think> in the content, kept after the last
+    # real user query only; enable_thinking switches the generation prompt.
+    source = (TEMPLATES / "Qwen3.5.jinja").read_text(encoding="utf-8")
+    tok, hf = pairs["qwen2.5-instruct"]
+    for end in range(2, len(QWEN35_AGENT) + 1):
+        for kwargs in ({}, {"tools": QWEN35_TOOLS}, {"enable_thinking": False}, {"enable_thinking": True},
+                       {"tools": QWEN35_TOOLS, "enable_thinking": False}):
+            for gen in (False, True):
+                messages = QWEN35_AGENT[:end]
+                expected = hf.apply_chat_template(messages, chat_template=source, tokenize=False,
+                                                  add_generation_prompt=gen, **kwargs)
+                assert render_chat(source, messages, gen, **tok.template_tokens, **kwargs) == expected, (end, kwargs)
+    with pytest.raises(DataError, match="No user query found"):
+        render_chat(source, [{"role": "system", "content": "x"}])
 
 
 def test_folder_templates_are_the_published_ones(pairs):

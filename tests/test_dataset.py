@@ -205,6 +205,93 @@ def test_qwen3_turns_with_reasoning_get_their_own_examples(qwen, hf_qwen, tmp_pa
     assert trained_segments(first, qwen) == ["<think>\nsmall sum\n</think>\n\n2<|im_end|>"]
 
 
+# Qwen3.5: thinking on by default (the generation prompt opens "<think>\n"), XML tool calls, the
+# reasoning of turns before the last user query dropped, and a turn without reasoning rendered
+# without any <think> block.
+QWEN35_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Today's weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+                   "required": ["city"]}}}]
+QWEN35_CHAT = [
+    {"role": "system", "content": "You are a weather bot."},
+    {"role": "user", "content": "Weather in Paris and Rome?"},
+    {"role": "assistant", "content": "", "reasoning_content": "Two cities: two calls.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}}]},
+    {"role": "tool", "content": '{"temp": 20}'},
+    {"role": "tool", "content": '{"temp": 25}'},
+    {"role": "assistant", "content": "Paris 20 °C, Rome 25 °C.", "reasoning_content": "Rome is warmer."},
+    {"role": "user", "content": "Umbrella?"},
+    {"role": "assistant", "content": "No, both are dry.", "reasoning_content": "No rain in either."},
+    {"role": "user", "content": "Thanks"},
+    {"role": "assistant", "content": "<3 glad to help"},  # no reasoning; opens with "<" as <think> does
+]
+
+
+@pytest.fixture(scope="module")
+def qwen35(qwen):
+    """Qwen3.5's template on Qwen2.5's vocabulary (no Qwen3.5 tokenizer is on this disk)."""
+    return dataclasses.replace(qwen, chat_template=(TEMPLATES / "Qwen3.5.jinja").read_text(encoding="utf-8"))
+
+
+def hf_answer(hf, template, messages, i, **kwargs):
+    """Assistant turn i as transformers renders it when it is the newest message: after the
+    generation prompt when the turn opens with it, else after the header <|im_start|>assistant\n;
+    through <|im_end|>."""
+    def render(msgs, gen):
+        return hf.apply_chat_template(msgs, chat_template=template, add_generation_prompt=gen, tokenize=False,
+                                      **kwargs)
+
+    text, prompt = render(messages[: i + 1], False), render(messages[:i], True)
+    head = prompt if text.startswith(prompt) else render(messages[:i], False) + "<|im_start|>assistant\n"
+    assert text.startswith(head)
+    return text[len(head): text.rindex("<|im_end|>") + len("<|im_end|>")]
+
+
+def test_qwen35_multi_turn_tool_calls_and_reasoning(qwen35, hf_qwen, tmp_path):
+    template, kwargs = qwen35.chat_template, {"tools": QWEN35_TOOLS}
+    turns = [i for i, m in enumerate(QWEN35_CHAT) if m["role"] == "assistant"]
+    path = write(tmp_path, "q35.json", [{"messages": QWEN35_CHAT}])
+    examples, report = load_dataset(path, qwen35, 4096, chat_template_kwargs=kwargs)
+    # The whole conversation trains its last turn; the turns before the last user query lose their
+    # reasoning there, so they are trained where they are newest: the two tool-calling steps after
+    # the first query share one example, the umbrella answer has its own.
+    assert report.n_examples == len(examples) == 3
+    ends = [len(QWEN35_CHAT) - 1, turns[1], turns[2]]
+    trained = [[turns[3]], [turns[0], turns[1]], [turns[2]]]
+    for example, end, own in zip(examples, ends, trained):
+        assert example["input_ids"] == hf_qwen.apply_chat_template(QWEN35_CHAT[: end + 1], chat_template=template,
+                                                                   return_dict=False, **kwargs)
+        assert trained_segments(example, qwen35) == [hf_answer(hf_qwen, template, QWEN35_CHAT, i, **kwargs)
+                                                     for i in own]
+    segments = [s for e in examples for s in trained_segments(e, qwen35)]
+    assert segments[0] == "<3 glad to help<|im_end|>"  # the "<" it shares with "<think>" is trained
+    assert segments[1].startswith("Two cities: two calls.\n</think>\n\n<tool_call>\n<function=get_weather>")
+    assert segments[3].startswith("No rain in either.\n</think>\n\n")  # "<think>\n" is the prompt's
+    assert "<tool_response>" not in "".join(segments)
+
+
+@pytest.mark.parametrize("enable_thinking", [True, False])
+def test_qwen35_enable_thinking_reaches_the_template(qwen35, hf_qwen, enable_thinking):
+    # The turns carry no reasoning, so the whole conversation renders each one as when it is newest.
+    chat = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in QWEN35_CHAT]
+    kwargs = {"tools": QWEN35_TOOLS, "enable_thinking": enable_thinking}
+    template = qwen35.chat_template
+    prompt = qwen35.apply_chat_template(chat[:2], add_generation_prompt=True, **kwargs)
+    assert prompt.endswith("<think>\n\n</think>\n\n" if not enable_thinking else "<|im_start|>assistant\n<think>\n")
+    (example,) = tokenize_conversation(chat, qwen35, chat_template_kwargs=kwargs)
+    assert example["input_ids"] == hf_qwen.apply_chat_template(chat, chat_template=template, return_dict=False,
+                                                               **kwargs)
+    turns = [i for i, m in enumerate(chat) if m["role"] == "assistant"]
+    assert trained_segments(example, qwen35) == [hf_answer(hf_qwen, template, chat, i, **kwargs) for i in turns]
+
+
+def test_bad_chat_template_kwargs(qwen):
+    for bad in (["enable_thinking"], {"add_generation_prompt": True}, {1: True}):
+        with pytest.raises(ConfigError, match="chat_template_kwargs"):
+            load_dataset(DATA / "identity.json", qwen, 64, chat_template_kwargs=bad)
+
+
 def test_pretokenized_records_pass_through(qwen, tmp_path):
     records = [{"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
                {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},

@@ -22,16 +22,16 @@ def qwen():
     return load_tokenizer(QWEN)
 
 
-def batched(conversations, tok, anchored=True, train_on="all_turns"):
+def batched(conversations, tok, anchored=True, train_on="all_turns", kwargs=None):
     labeler = BatchLabeler(tok)
     labeler.anchored = anchored
-    texts = [item for messages in conversations for item in conversation_spans(messages, tok, train_on)]
+    texts = [item for messages in conversations for item in conversation_spans(messages, tok, train_on, kwargs)]
     return [{"input_ids": ids.tolist(), "labels": np.where(trained, ids, -100).tolist()}
             for ids, trained in labeler.label(texts)]
 
 
-def reference(conversations, tok, train_on="all_turns"):
-    return [e for messages in conversations for e in tokenize_conversation(messages, tok, train_on)]
+def reference(conversations, tok, train_on="all_turns", kwargs=None):
+    return [e for messages in conversations for e in tokenize_conversation(messages, tok, train_on, kwargs)]
 
 
 @pytest.mark.parametrize("name", ["identity.json", "alpaca_en_demo.json", "alpaca_zh_demo.json", "huanhuan-100.json"])
@@ -68,3 +68,20 @@ def test_other_templates(qwen, template):
         QWEN, chat_template="deepseek")
     conversations = EDGES + [chat("1+1?", "<think>\nsum\n</think>\n\n2", "2+2?", "<think>add</think>4")]
     assert batched(conversations, tok) == reference(conversations, tok)
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+def test_qwen35_template(qwen, enable_thinking):
+    # Qwen3.5's generation prompt ends with "<think>\n" that turns without reasoning lack: the
+    # prompt's own tokens bound the answer's start ("<3" keeps its "<"), in the batch path too.
+    from tests.test_dataset import QWEN35_CHAT, QWEN35_TOOLS
+
+    tok = dataclasses.replace(qwen, chat_template=(FIXTURES / "chat_templates" / "Qwen3.5.jinja").read_text())
+    kwargs = {"tools": QWEN35_TOOLS} if enable_thinking is None else {"tools": QWEN35_TOOLS,
+                                                                      "enable_thinking": enable_thinking}
+    plain = [{k: v for k, v in m.items() if k != "reasoning_content"} for m in QWEN35_CHAT]
+    conversations = [QWEN35_CHAT, plain, chat("hi", "<3 thanks"), chat("hi", "<tool_call>x"), *EDGES]
+    for anchored in (True, False):
+        for train_on in ("all_turns", "last_turn"):
+            assert (batched(conversations, tok, anchored, train_on, kwargs)
+                    == reference(conversations, tok, train_on, kwargs))

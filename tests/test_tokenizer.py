@@ -193,3 +193,102 @@ def test_bad_tokenizer_folders(tmp_path):
     (gap / "added_tokens.json").write_text(json.dumps({"<|x|>": 151700}))
     with pytest.raises(CheckpointError, match=r"gap: added token '<\|x\|>': the folder gives id 151700"):
         load_tokenizer(gap)
+
+
+# ---- Qwen3.5: Qwen2's split regex with combining marks counted as letters ----------------------
+
+# Words whose combining marks (\p{M}) NFC leaves in place: Devanagari vowel signs and virama, Thai
+# vowel and tone marks, Arabic harakat, Hebrew points, Latin letters with marks that have no
+# precomposed form, marks after punctuation and an enclosing mark.
+MARKED_TEXTS = ["नमस्ते दुनिया, हिन्दी विकिपीडिया", "ภาษาไทย ที่นี่ น้ำ", "مَرْحَبًا بِكُمْ", "שָׁלוֹם עוֹלָם",
+                "x\u0301 q\u0323\u0302 n\u0303o", "(\u0301) a\u20dd!"]
+
+
+def _split(pattern, text):
+    from tokenizers import Regex, pre_tokenizers
+
+    return [piece for piece, _ in pre_tokenizers.Split(Regex(pattern), "isolated").pre_tokenize_str(text)]
+
+
+@pytest.fixture(scope="module")
+def qwen35(tmp_path_factory):
+    """Qwen2.5's vocabulary laid out as Qwen3.5 folders (no Qwen3.5 tokenizer is on this disk), each
+    with the hub's tokenizer_config.json (it names Qwen2Tokenizer) and a config.json of model_type
+    qwen3_5: "json", a tokenizer.json whose Split carries Qwen3.5's regex (transformers' own);
+    "slow", vocab.json + merges.txt. Returns (folders, {form: lowrank tokenizer}, the regex)."""
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX
+
+    root = tmp_path_factory.mktemp("qwen35")
+    folders = {name: root / name for name in ("json", "slow")}
+    for folder in folders.values():
+        folder.mkdir()
+    spec = json.loads((QWEN_JSON / "tokenizer.json").read_text(encoding="utf-8"))
+    split = spec["pre_tokenizer"]["pretokenizers"][0]
+    assert split["type"] == "Split" and split["pattern"]["Regex"] != PRETOKENIZE_REGEX
+    split["pattern"]["Regex"] = PRETOKENIZE_REGEX
+    (folders["json"] / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    shutil.copy(QWEN_JSON / "tokenizer_config.json", folders["json"])
+    for file in QWEN_SLOW.iterdir():
+        shutil.copy(file, folders["slow"])
+    for folder in folders.values():
+        assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "Qwen2Tokenizer"
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
+    return folders, {form: load_tokenizer(folder) for form, folder in folders.items()}, PRETOKENIZE_REGEX
+
+
+def test_qwen35_regex_splits_marked_words_whole(qwen35):
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_REGEX
+
+    regex = qwen35[2]
+    for text in MARKED_TEXTS:  # the texts tell the two regexes apart, so the tests below can fail
+        text = unicodedata.normalize("NFC", text)
+        assert _split(regex, text) != _split(QWEN2_REGEX, text), text
+    assert _split(regex, "नमस्ते दुनिया") == ["नमस्ते", " दुनिया"]
+
+
+@pytest.mark.parametrize("form", ["json", "slow"])
+def test_qwen35_folders_match_tokenizers_and_transformers(qwen, qwen35, form):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folders, toks, _ = qwen35
+    tok = toks[form]
+    reference = HFTokenizer.from_file(str(folders["json"] / "tokenizer.json"))
+    oracles = [lambda text: reference.encode(text, add_special_tokens=False).ids]
+    if form == "json":
+        # transformers takes Qwen3_5Tokenizer by the model_type. (Its Qwen3_5Tokenizer reads no
+        # vocab.json / merges.txt: on the slow folder it loads an empty vocabulary, so there the
+        # oracle is the tokenizer.json above, which it agrees with here.)
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(folders[form])
+        assert type(hf).__name__ == "Qwen3_5Tokenizer" and len(tok) == len(hf)
+        oracles.append(lambda text: hf(text, add_special_tokens=False)["input_ids"])
+    for text in MARKED_TEXTS + sample_texts(n_per_file=5):
+        ids = tok.encode(text, add_special_tokens=False)
+        for oracle in oracles:
+            assert ids == oracle(text), text[:60]
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+    # Qwen2.5's merges give the same byte pieces either way for the Devanagari and Latin texts;
+    # Thai, Arabic and Hebrew merge across their marks.
+    assert sum(tok.encode(text) != qwen[form].encode(text) for text in MARKED_TEXTS) >= 3
+
+
+def test_qwen35_slow_files_build_the_pipeline_of_its_tokenizer_json(qwen35):
+    _, toks, _ = qwen35
+    slow, fast = (toks[form].backend.tok for form in ("slow", "json"))
+    for part in ("normalizer", "pre_tokenizer", "decoder"):  # the model is Qwen2.5's, tested above
+        assert json.loads(getattr(slow, part).__getstate__()) == json.loads(getattr(fast, part).__getstate__()), part
+
+
+def test_qwen35_folders_are_told_by_model_type_or_tokenizer_class(tmp_path):
+    from lowrank.data.tokenizer import _is_qwen35
+
+    hub = {"tokenizer_class": "Qwen2Tokenizer"}
+    for model_type in ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text"):
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+        assert _is_qwen35(tmp_path, hub)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    assert not _is_qwen35(tmp_path, hub)
+    assert _is_qwen35(tmp_path, {"tokenizer_class": "Qwen3_5Tokenizer"})  # as transformers 5 saves it
+    (tmp_path / "config.json").unlink()
+    assert not _is_qwen35(tmp_path, hub) and not _is_qwen35(tmp_path, {})

@@ -114,3 +114,28 @@ def test_bad_new_settings(settings, message):
 
     with pytest.raises(ConfigError, match=message):
         check_config(TrainConfig(**RUN, **settings))
+
+
+def test_enable_thinking_reaches_the_chat_template(tmp_path):
+    # from flags and TOML to load_dataset's chat_template_kwargs; unset leaves the template's default
+    import dataclasses
+    import json
+
+    from tests.conftest import FIXTURES
+    from lowrank.data.tokenizer import load_tokenizer
+    from lowrank.train.prepare import load_examples
+
+    assert flags("--no-enable-thinking").enable_thinking is False
+    assert toml(tmp_path, "enable_thinking = true").enable_thinking is True
+    assert TrainConfig(**RUN).enable_thinking is None
+    # A template that writes the variable into the trained answer shows what reached it.
+    tok = dataclasses.replace(load_tokenizer(FIXTURES / "tokenizers" / "qwen2.5-instruct-tokenizer-json"),
+                              chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"
+                                            "{% if enable_thinking is defined %}[{{ enable_thinking }}]{% endif %}"
+                                            "<|im_end|>")
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "q", "output": "a"}]))
+    for value, shown in ((None, ""), (False, "[False]"), (True, "[True]")):
+        cfg = TrainConfig(model="m", data=str(data), output="o", enable_thinking=value)
+        (example,), _, _ = load_examples(cfg, tok)
+        assert tok.decode(example["input_ids"]) == "qa" + shown + "<|im_end|>"

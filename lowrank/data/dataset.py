@@ -16,7 +16,9 @@ where the template's generation prompt ends and runs through the turn's last spe
 (``<|im_end|>``, ``<｜end▁of▁sentence｜>``); what the template writes after that token (ChatML's
 "\\n") is context, not trained. When a template renders an earlier turn differently once later
 messages follow (Qwen3 drops the reasoning of turns before the last user message), that turn is
-trained in an example of its own that ends with it, so one record can give several examples.
+trained in an example that ends with it or with a later turn it renders the same in, so one
+record can give several examples. Template variables (enable_thinking, tools) come in through
+chat_template_kwargs.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class DataReport:
 
 def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
                  replacements: dict[str, str] | None = None, system: str | None = None,
-                 cache_dir=None) -> tuple[Examples, DataReport]:
+                 cache_dir=None, chat_template_kwargs: dict | None = None) -> tuple[Examples, DataReport]:
     """Read, validate and tokenize a data file: (examples, DataReport).
 
     Each example is {"input_ids": [...], "labels": [...]} of at most max_len tokens; `examples`
@@ -69,10 +71,13 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
     system: a system prompt for the text records that carry none (or an empty one).
     cache_dir: keep the tokenised examples in a cache folder there (lowrank.data.cache) and map
     them on later loads; None tokenizes in memory.
+    chat_template_kwargs: template variables for every text record, as apply_chat_template takes
+    them: {"enable_thinking": False} (Qwen3, Qwen3.5), {"tools": [...]}.
     Any bad record raises DataError naming the file and record index, before training starts.
     """
     if train_on not in TRAIN_ON:
         raise ConfigError(f"train_on={train_on!r}: expected one of {TRAIN_ON}")
+    _check_template_kwargs(chat_template_kwargs)
     if not isinstance(max_len, int) or max_len < 2:
         raise ConfigError(f"max_len={max_len!r}: expected an int >= 2")
     path = Path(path)
@@ -81,7 +86,8 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
 
     def build(writer) -> dict:
         report = tokenize_records(path, read_records(path), tokenizer, max_len, writer, train_on=train_on,
-                                  replacements=replacements, system=system)
+                                  replacements=replacements, system=system,
+                                  chat_template_kwargs=chat_template_kwargs)
         return dataclasses.asdict(report)
 
     fingerprint = cache.tokenizer_fingerprint(tokenizer) if cache_dir is not None else None
@@ -92,7 +98,7 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
     else:
         parts = {"data": cache.file_digest(path), "suffix": path.suffix, "tokenizer": fingerprint,
                  "max_len": max_len, "train_on": train_on, "replacements": dict(sorted((replacements or {}).items())),
-                 "system": system}
+                 "system": system, "chat_template_kwargs": chat_template_kwargs}
         folder = Path(cache_dir) / f"{path.stem}-{cache.cache_key(parts)}"
         examples, fields, built = cache.load_or_build(folder, parts, build)
         report = DataReport(**{**fields, "path": str(path), "cache": str(folder), "from_cache": not built})
@@ -107,7 +113,8 @@ CHUNK = 2048
 
 
 def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer: ExampleWriter, *,
-                     train_on: str = "all_turns", replacements=None, system=None) -> DataReport:
+                     train_on: str = "all_turns", replacements=None, system=None,
+                     chat_template_kwargs: dict | None = None) -> DataReport:
     """Tokenize `records` into `writer` (truncated at max_len, untrained ones dropped): the report."""
     report = DataReport(path=str(path), n_records=len(records))
     labeler = fast_tokenize.BatchLabeler(tokenizer) if fast_tokenize.supports(tokenizer) else None
@@ -123,9 +130,9 @@ def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer:
                 else:
                     messages = record_to_messages(record, replacements, system)
                     if labeler is None:
-                        found.append(tokenize_conversation(messages, tokenizer, train_on))
+                        found.append(tokenize_conversation(messages, tokenizer, train_on, chat_template_kwargs))
                     else:
-                        spans = conversation_spans(messages, tokenizer, train_on)
+                        spans = conversation_spans(messages, tokenizer, train_on, chat_template_kwargs)
                         found.append(list(range(len(texts), len(texts) + len(spans))))
                         texts += spans
             except DataError as e:
@@ -153,6 +160,16 @@ def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer:
                 report.n_tokens += len(ids)
                 report.n_trainable_tokens += trainable
     return report
+
+
+def _check_template_kwargs(kwargs) -> None:
+    if kwargs is None:
+        return
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise ConfigError(f"chat_template_kwargs={kwargs!r:.80}: expected a dict of template variables")
+    taken = sorted({"messages", "add_generation_prompt", "tokenize"} & set(kwargs))
+    if taken:
+        raise ConfigError(f"chat_template_kwargs: {', '.join(taken)} cannot be set; lowrank renders each turn itself")
 
 
 def count_trainable(labels: list[int]) -> int:
@@ -243,40 +260,50 @@ def _list_field(record: dict, key: str, default=_MISSING) -> list:
 
 # ---- conversations to ids and labels ---------------------------------------------------------
 
-def tokenize_conversation(messages: list[dict], tokenizer, train_on: str = "all_turns") -> list[dict]:
+def tokenize_conversation(messages: list[dict], tokenizer, train_on: str = "all_turns",
+                          chat_template_kwargs: dict | None = None) -> list[dict]:
     """Render and tokenize a conversation; labels keep the trained assistant tokens, -100 elsewhere.
 
     Returns one example, or more when the template rewrites earlier turns (see the module doc);
     none when the conversation has no assistant message. One record at a time: the reference that
     lowrank.data.fast_tokenize computes in batches, and the path of SentencePiece tokenizers.
+    chat_template_kwargs reach the template.
     """
-    return [_label_spans(text, spans, tokenizer) for text, spans in conversation_spans(messages, tokenizer, train_on)]
+    return [_label_spans(text, spans, tokenizer)
+            for text, spans in conversation_spans(messages, tokenizer, train_on, chat_template_kwargs)]
 
 
-def conversation_spans(messages: list[dict], tokenizer, train_on: str = "all_turns") -> list[tuple[str, list]]:
-    """The texts to tokenize for a conversation, each with its trained character spans."""
+def conversation_spans(messages: list[dict], tokenizer, train_on: str = "all_turns",
+                       chat_template_kwargs: dict | None = None) -> list[tuple[str, list]]:
+    """The texts to tokenize for a conversation, each with its trained spans: (start, end) character
+    offsets and the generation prompt, whose own tokens also bound the start (see _label_spans)."""
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         return []
     messages = messages[: turns[-1] + 1]  # a trailing user message has no answer to train
     if train_on == "last_turn":
         turns = turns[-1:]
+    kwargs = chat_template_kwargs or {}
 
     def render(msgs, add_generation_prompt):
-        return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
 
     special = tokenizer.special_tokens
     full = render(messages, False)
-    spans: dict[str, list[tuple[int, int]]] = {full: []}  # rendered text -> trained character spans
-    for i in turns:
-        prompt = render(messages[:i], True)
-        text = full if i + 1 == len(messages) else render(messages[: i + 1], False)
+    # rendered text -> trained spans (start, end, generation prompt). Newest turns first: a turn
+    # the whole conversation renders differently joins the first later example that renders it
+    # as its own newest form (Qwen3.5's tool-calling steps after one user query share one).
+    spans: dict[str, list[tuple[int, int, str]]] = {full: []}
+    for i in reversed(turns):
+        prompt, text = render(messages[:i], True), render(messages[: i + 1], False)
         # Where the generation prompt stops matching, the answer starts: this also holds for
         # templates whose generation prompt writes a token the rendered turn lacks.
         start = len(os.path.commonprefix([prompt, text]))
         end = _end_of_turn(text, start, special)
-        spans.setdefault(full if full.startswith(text) else text, []).append((start, end))
-    return [(text, text_spans) for text, text_spans in spans.items() if text_spans]
+        key = next((t for t in spans if t.startswith(text)), text)
+        spans.setdefault(key, []).append((start, end, prompt))
+    texts = [full] + [t for t in spans if t != full][::-1]  # the whole conversation, then turn order
+    return [(text, spans[text]) for text in texts if spans[text]]
 
 
 def _end_of_turn(text: str, start: int, special: set[str]) -> int:
@@ -286,14 +313,18 @@ def _end_of_turn(text: str, start: int, special: set[str]) -> int:
     return start + (max(ends) if ends else len(turn))
 
 
-def _label_spans(text: str, spans: list[tuple[int, int]], tokenizer) -> dict:
+def _label_spans(text: str, spans: list[tuple[int, int, str]], tokenizer) -> dict:
     ids = tokenizer.encode(text, add_special_tokens=False)
     labels = [IGNORE_INDEX] * len(ids)
-    for start, end in spans:
+    for start, end, prompt in spans:
         # Token positions of the character span: the tokens of the text before each end that
         # agree with the whole text's tokens. A token straddling the start (a merge across the
-        # prompt / answer boundary) is trained.
-        first = _shared_prefix(tokenizer.encode(text[:start], add_special_tokens=False), ids)
+        # prompt / answer boundary) is trained. The generation prompt's own tokens bound the start
+        # too: where it writes more than the turn's header (Qwen3.5's "<think>\n" before a turn
+        # without reasoning), an answer opening with "<" shares that character with it, and the
+        # "<" is the answer's.
+        first = min(_shared_prefix(tokenizer.encode(text[:start], add_special_tokens=False), ids),
+                    _shared_prefix(tokenizer.encode(prompt, add_special_tokens=False), ids))
         last = _shared_prefix(tokenizer.encode(text[:end], add_special_tokens=False), ids)
         labels[first:last] = ids[first:last]
     return {"input_ids": ids, "labels": labels}

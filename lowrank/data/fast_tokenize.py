@@ -15,6 +15,9 @@ token of the full encoding that ends at or before b is token k, ending at charac
 the pieces before it are the same pieces). The shared prefix the reference computes is then
 k + 1 plus the shared prefix of encode(text[c:b]) with ids[k + 1:]: in ChatML the tail is
 "assistant\\n" for every answer start and empty for every answer end (just after <|im_end|>).
+The reference also bounds an answer's start by the shared prefix of the generation prompt's own
+tokens (Qwen3.5's prompt ends with "<think>\\n" a turn without reasoning lacks); the prompt agrees
+with the text up to the start, so it takes the start's anchor and its tail is prompt[c:].
 
 The identity needs the pieces to be tokenized alone. Two pipeline parts break it, and the
 anchor is then the start of the text (exact, only slower): a ``Metaspace`` pre-tokenizer or
@@ -48,8 +51,9 @@ class BatchLabeler:
         self.anchored = not (b"Metaspace" in pipeline or b"Prepend" in pipeline
                              or any(t.single_word for t in added.values()))
 
-    def label(self, items: list[tuple[str, list[tuple[int, int]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(ids, trained mask) of each (text, trained character spans), as tokenize_conversation makes them."""
+    def label(self, items: list[tuple[str, list[tuple[int, int, str]]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(ids, trained mask) of each (text, trained spans) of dataset.conversation_spans, as
+        tokenize_conversation makes them: a span is (start, end, generation prompt)."""
         encodings = self.tok.encode_batch([text for text, _ in items], add_special_tokens=False)
         ids_of = [np.array(e.ids, dtype=np.int64) for e in encodings]
         # Pass 1: each boundary's anchor (tokens before it, where its tail starts) and tail text.
@@ -57,16 +61,19 @@ class BatchLabeler:
         for (text, spans), enc, ids in zip(items, encodings, ids_of):
             anchors = np.flatnonzero(self.is_added[ids])[::-1] if self.anchored else ()
             row = []
-            for bound in (b for span in spans for b in span):
-                base, char = 0, 0
-                for k in anchors:
-                    end = enc.token_to_chars(int(k))[1]
-                    if end <= bound:
-                        base, char = int(k) + 1, end
-                        break
-                tail = text[char:bound]
-                tails.setdefault(tail, None)
-                row.append((base, tail))
+            for start, end, prompt in spans:
+                for bound, source in ((start, text), (start, prompt), (end, text)):
+                    # The generation prompt agrees with the text up to start, so it shares the anchor
+                    # of start (the reference bounds the answer's first token by its tokens too).
+                    base, char = 0, 0
+                    for k in anchors:
+                        stop = enc.token_to_chars(int(k))[1]
+                        if stop <= bound:
+                            base, char = int(k) + 1, stop
+                            break
+                    tail = source[char:bound] if source is text else source[char:]
+                    tails.setdefault(tail, None)
+                    row.append((base, tail))
             cuts.append(row)
         # Pass 2: the tails of the whole chunk in one batch (most are the same few strings).
         pending = [t for t in tails if t]
@@ -76,8 +83,8 @@ class BatchLabeler:
         for ids, row in zip(ids_of, cuts):
             trained = np.zeros(len(ids), dtype=bool)
             ends = [base + _shared_prefix(tails[tail], ids[base:]) if tail else base for base, tail in row]
-            for first, last in zip(ends[0::2], ends[1::2]):
-                trained[first:last] = True
+            for start, prompt, last in zip(ends[0::3], ends[1::3], ends[2::3]):
+                trained[min(start, prompt):last] = True
             out.append((ids, trained))
         return out
 

@@ -5,7 +5,8 @@ A folder holds one of three encodings of the vocabulary, tried in this order:
 - ``tokenizer.json``: the whole pipeline, loaded as is by the ``tokenizers`` library;
 - ``vocab.json`` + ``merges.txt``: Qwen's "slow" byte-level BPE files. The pipeline is rebuilt
   the way transformers' Qwen2Tokenizer builds it (NFC, Qwen's split regex, byte-level bytes,
-  byte-level decoder); the test suite checks it against the ``tokenizer.json`` of the same model;
+  byte-level decoder), with Qwen3.5's split regex for a Qwen3.5 folder as its Qwen3_5Tokenizer
+  does; the test suite checks it against the ``tokenizer.json`` of the same model;
 - ``tokenizer.model``: a SentencePiece model, run by ``sentencepiece``.
 
 ``tokenizer_config.json`` / ``special_tokens_map.json`` / ``added_tokens.json`` add the named
@@ -27,8 +28,14 @@ from ..errors import CheckpointError, ConfigError
 from ..files import missing_folder_message
 from .encoding import Encoding, encode_batch
 from .chat_template import BUILTIN_TEMPLATES, render_chat, resolve_template
-from .tokenizer_backends import AddedTokenSpec, SentencePieceBackend, TokenizersBackend
+from .tokenizer_backends import (QWEN35_SPLIT_PATTERN, QWEN_SPLIT_PATTERN, AddedTokenSpec, SentencePieceBackend,
+                                 TokenizersBackend)
 
+# Folders whose vocab.json + merges.txt take Qwen3.5's split regex, as transformers picks its
+# Qwen3_5Tokenizer: by config.json's model_type (the hub's tokenizer_config.json says Qwen2Tokenizer,
+# which transformers overrides for these types), or by a tokenizer_class transformers 5 saved.
+QWEN35_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
+QWEN35_TOKENIZER_CLASSES = ("Qwen3_5Tokenizer", "Qwen3_5TokenizerFast")
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _TOKEN_FLAGS = ("lstrip", "rstrip", "single_word", "normalized")
 
@@ -176,12 +183,19 @@ def _open_backend(folder: Path, config: dict):
     if (folder / "tokenizer.json").is_file():
         return TokenizersBackend.from_tokenizer_json(folder / "tokenizer.json")
     if (folder / "vocab.json").is_file() or (folder / "merges.txt").is_file():
-        return TokenizersBackend.from_byte_level_bpe(folder, bool(config.get("add_prefix_space", False)))
+        pattern = QWEN35_SPLIT_PATTERN if _is_qwen35(folder, config) else QWEN_SPLIT_PATTERN
+        return TokenizersBackend.from_byte_level_bpe(folder, bool(config.get("add_prefix_space", False)), pattern)
     if (folder / "tokenizer.model").is_file():
         return SentencePieceBackend(folder / "tokenizer.model")
     raise CheckpointError(
         f"{folder}: no tokenizer files; expected tokenizer.json, vocab.json + merges.txt, or tokenizer.model"
     )
+
+
+def _is_qwen35(folder: Path, config: dict) -> bool:
+    model = _read_json(folder / "config.json")
+    return ((isinstance(model, dict) and model.get("model_type") in QWEN35_MODEL_TYPES)
+            or config.get("tokenizer_class") in QWEN35_TOKENIZER_CLASSES)
 
 
 def _named_tokens(config: dict, special_map: dict, backend) -> dict[str, AddedTokenSpec]:

@@ -30,6 +30,13 @@ QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen3.5's (llama.cpp calls it "qwen35"): Qwen2's with combining marks (\p{M}) counted as letters,
+# so a mark stays in its word (Devanagari vowel signs, Thai tone marks) instead of starting a
+# punctuation run. Its tokenizer.json carries it as a plain Split, which tokenizers reads as is.
+QWEN35_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 class TokenizersBackend:
     """tokenizer.json, or Qwen's vocab.json + merges.txt rebuilt as the same pipeline."""
@@ -47,7 +54,8 @@ class TokenizersBackend:
             raise CheckpointError(f"{file}: cannot be read as a tokenizers file ({e})") from None
 
     @classmethod
-    def from_byte_level_bpe(cls, folder: Path, add_prefix_space: bool) -> "TokenizersBackend":
+    def from_byte_level_bpe(cls, folder: Path, add_prefix_space: bool,
+                            split_pattern: str = QWEN_SPLIT_PATTERN) -> "TokenizersBackend":
         from tokenizers import Regex, decoders, normalizers, pre_tokenizers
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers.models import BPE
@@ -65,7 +73,7 @@ class TokenizersBackend:
         tok = HFTokenizer(bpe)
         tok.normalizer = normalizers.NFC()
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(split_pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False),
         ])
         tok.decoder = decoders.ByteLevel()

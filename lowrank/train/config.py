@@ -85,6 +85,8 @@ class TrainConfig:
     group_by_length: bool = _f(False, "batch examples of similar length together (less padding)", "data")
     train_on: str = _f("all_turns", "which assistant turns to train: all_turns or last_turn", "data")
     system: str | None = _f(None, "system prompt for records that carry none", "data")
+    enable_thinking: bool | None = _f(None, "the chat template's enable_thinking (Qwen3, Qwen3.5: --no-enable-thinking "
+                                      "renders the non-thinking prompt; default: the template's own)", "data")
     replacements: dict = _f({}, "text replacements: {{KEY}} in the data becomes VALUE (flag: --replace KEY=VALUE)",
                             "data", flag="replace")
     eval_data: str | None = _f(None, "evaluation file (same formats as --data)", "data")

@@ -110,7 +110,8 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples, list
     """(training examples, eval examples, the DataReport of each file read): --eval-data, or an
     eval_split held out by a seeded draw."""
     cache_dir = None if cfg.data_cache == "off" else default_cache_dir() if cfg.data_cache == "auto" else cfg.data_cache
-    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system, cache_dir=cache_dir)
+    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system, cache_dir=cache_dir,
+              chat_template_kwargs=None if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
     train, report = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
         evals, eval_report = load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)
