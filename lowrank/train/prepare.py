@@ -10,6 +10,7 @@ import torch
 
 from ..data.batching import pack
 from ..data.dataset import load_dataset
+from ..data.preference import load_preference_dataset
 from ..errors import CheckpointError, ConfigError, DataError
 from .config import TrainConfig
 
@@ -83,11 +84,16 @@ def load_tokenizer_for(cfg: TrainConfig):
 
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
-    """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw."""
-    kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system)
-    train, _ = load_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
+    """(training examples, eval examples): --eval-data, or an eval_split held out by a seeded draw.
+    With a preference objective the examples are chosen / rejected pairs (data/preference.py)."""
+    kw = dict(replacements=cfg.replacements or None, system=cfg.system)
+    if cfg.objective == "sft":
+        load, kw = load_dataset, dict(kw, train_on=cfg.train_on)
+    else:
+        load = load_preference_dataset
+    train, _ = load(cfg.data, tokenizer, cfg.max_len, **kw)
     if cfg.eval_data:
-        return train, load_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
+        return train, load(cfg.eval_data, tokenizer, cfg.max_len, **kw)[0]
     if not cfg.eval_split:
         return train, []
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
