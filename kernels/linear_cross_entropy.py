@@ -158,8 +158,9 @@ def _default_chunk_size(vocab):
     return 1 << (rows.bit_length() - 1)
 
 
-def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_step):
-    """Loss and, for the inputs flagged in `needs` (hidden, weight, bias), their gradients.
+def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_step, row_scale=None):
+    """Per-row losses [N] (0 on ignored rows) and, for the inputs flagged in `needs` (hidden,
+    weight, bias), their gradients; with `row_scale` [N], the gradients of sum_i row_scale_i * loss_i.
 
     Everything is returned in the compute dtype (fp32, or fp64 for fp64 inputs): the backward
     scales before it rounds to the parameters' dtype.
@@ -184,6 +185,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
     grad_h = torch.empty(n, H, **new) if needs[0] else None
     grad_w = torch.zeros(V, H, **new) if needs[1] else None
     grad_b = torch.zeros(V, **new) if needs[2] else None
+    scale = None if row_scale is None else row_scale[rows].to(compute)
     for s in range(0, n, chunk):
         h_c = h[s : s + chunk] if half_gemm else h[s : s + chunk].to(compute)
         blocks = _head_blocks(weight, compute, half_gemm)
@@ -196,6 +198,8 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
         if b is not None:
             z += b
         step(z, y[s : s + chunk], loss_rows[s : s + chunk])
+        if row_scale is not None:
+            z *= scale[s : s + chunk, None]
         if grad_h is not None:
             g = grad_h[s : s + chunk].zero_()
             for v, w in _head_blocks(weight, compute, half_gemm):
@@ -208,7 +212,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
 
     if grad_h is not None:  # ignored rows get a zero gradient
         grad_h = torch.zeros(N, H, **new).index_copy_(0, rows, grad_h)
-    return loss_rows.sum(), (grad_h, grad_w, grad_b)
+    return torch.zeros(N, **new).index_copy_(0, rows, loss_rows), (grad_h, grad_w, grad_b)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -218,7 +222,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss, grads = _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_step)
         ctx.save_for_backward(*grads)
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
-        return loss
+        return loss.sum()
 
     @staticmethod
     @once_differentiable
@@ -231,13 +235,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, chunk_size=None):
-    """Summed cross-entropy of the LM head's logits, without materialising them.
+class _LinearCrossEntropyRows(torch.autograd.Function):
+    """Per-row losses (reduction="none"). Each row's upstream gradient g_i now differs, so the
+    weight's gradient sum_i g_i dz_i h_i^T cannot be computed before g is known: when the
+    weight or bias trains, the backward recomputes the chunks' logits and scales dz by g (one
+    GEMM per chunk more than the summed loss). When only the hidden states need a gradient
+    (LoRA, prefix: the head is frozen), dh_i = W^T dz_i is stored per row as for the summed
+    loss and the backward scales the rows: no recomputation."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, triton_step):
+        needs = ctx.needs_input_grad[:3]
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        ctx.recompute = needs[1] or needs[2]
+        if ctx.recompute:
+            loss, _ = _chunked_forward(hidden, weight, bias, labels, chunk_size, (False,) * 3, triton_step)
+            ctx.save_for_backward(hidden, weight, bias, labels)
+            ctx.args = (chunk_size, triton_step, needs)
+        else:
+            loss, (grad_h, _, _) = _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_step)
+            ctx.save_for_backward(grad_h)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        if ctx.recompute:
+            hidden, weight, bias, labels = ctx.saved_tensors
+            chunk_size, triton_step, needs = ctx.args
+            _, grads = _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_step,
+                                        row_scale=grad_rows)
+        else:
+            (grad_h,) = ctx.saved_tensors
+            grads = (None if grad_h is None else grad_h * grad_rows[:, None].to(grad_h.dtype), None, None)
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None)
+
+
+def linear_cross_entropy(hidden, weight, labels, bias=None, chunk_size=None, reduction="sum"):
+    """Cross-entropy of the LM head's logits, without materialising them.
 
     hidden [..., H], weight [V, H] (the head, or the tied embedding), labels [...] already
     shifted, IGNORE_INDEX (-100) skipped, bias [V] or None. Returns (loss, count): the fp32
-    summed loss (fp64 for fp64 inputs) and the number of counted tokens as a plain int64
-    tensor, so the caller divides by the count over all accumulation steps.
+    loss (fp64 for fp64 inputs) and the number of counted tokens as a plain int64 tensor.
+    reduction "sum": the summed loss, so the caller divides by the count over all accumulation
+    steps; "none": the loss of each position, shaped like labels (0 where ignored), i.e. minus
+    the log-probability of each label (what preference losses sum per sequence).
     """
     H = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != H:
@@ -248,6 +291,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, chunk_size=None):
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias must be [{weight.shape[0]}], got {list(bias.shape)}")
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     V = weight.shape[0]
@@ -262,14 +307,16 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, chunk_size=None):
     grads_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     )
-    if grads_wanted:
-        loss = _LinearCrossEntropy.apply(h, weight, bias, y, chunk_size, triton_step)
-    else:  # evaluation: the loss alone, no gradient matmuls
+    count = (y != IGNORE_INDEX).sum()
+    if not grads_wanted:  # evaluation: the loss alone, no gradient matmuls
         loss, _ = _chunked_forward(h, weight, bias, y, chunk_size, (False,) * 3, triton_step)
-    return loss, (y != IGNORE_INDEX).sum()
+        return (loss.sum() if reduction == "sum" else loss.view(labels.shape)), count
+    if reduction == "sum":
+        return _LinearCrossEntropy.apply(h, weight, bias, y, chunk_size, triton_step), count
+    return _LinearCrossEntropyRows.apply(h, weight, bias, y, chunk_size, triton_step).view(labels.shape), count
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, bias=None):
+def linear_cross_entropy_reference(hidden, weight, labels, bias=None, reduction="sum"):
     """The unfused computation (the spec and test oracle): full logits, then F.cross_entropy."""
     logits = F.linear(hidden, weight, bias)
     compute = torch.promote_types(logits.dtype, torch.float32)
@@ -277,6 +324,6 @@ def linear_cross_entropy_reference(hidden, weight, labels, bias=None):
         logits.reshape(-1, logits.shape[-1]).to(compute),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
-        reduction="sum",
+        reduction=reduction,
     )
-    return loss, (labels != IGNORE_INDEX).sum()
+    return (loss if reduction == "sum" else loss.view(labels.shape)), (labels != IGNORE_INDEX).sum()

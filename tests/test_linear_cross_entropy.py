@@ -162,6 +162,53 @@ def test_leading_dims_and_no_grad(monkeypatch):
     torch.testing.assert_close(evaluated, flat.detach(), **TOL[torch.float64])
 
 
+def check_rows_against_reference(dtype, train_weight, with_bias, chunk_size, device="cpu"):
+    """reduction="none": per-row losses, and gradients of sum_i g_i * loss_i with a different
+    upstream g_i for every row (as a per-sequence DPO weight gives them)."""
+    h, w, b = make_inputs(dtype, train_weight, with_bias, device)
+    y = make_labels().to(device)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.rand(N, generator=g, dtype=torch.float64) * 2 - 0.5
+    rows, count = lce.linear_cross_entropy(h, w, y, b, chunk_size=chunk_size, reduction="none")
+    (rows * upstream.to(device, rows.dtype)).sum().backward()
+
+    h64, w64 = (t.detach().cpu().double().requires_grad_() for t in (h, w))
+    b64 = None if b is None else b.detach().cpu().double().requires_grad_()
+    ref = F.cross_entropy(F.linear(h64, w64, b64), y.cpu(), ignore_index=IGNORE, reduction="none")
+    (ref * upstream).sum().backward()
+    tol = TOL[dtype]
+    assert rows.shape == y.shape and count.item() == (y != IGNORE).sum().item()
+    assert torch.equal(rows[y == IGNORE].detach().cpu(), torch.zeros(int((y == IGNORE).sum()), dtype=rows.dtype))
+    torch.testing.assert_close(rows.detach().cpu().double(), ref.detach(), **tol)
+    torch.testing.assert_close(h.grad.cpu().double(), h64.grad, **tol)
+    if train_weight:
+        torch.testing.assert_close(w.grad.cpu().double(), w64.grad, **tol)
+    else:
+        assert w.grad is None
+    if with_bias:
+        torch.testing.assert_close(b.grad.cpu().double(), b64.grad, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("train_weight", [True, False], ids=["trained_head", "frozen_head"])
+def test_per_row_losses_match_full_logits(monkeypatch, dtype, train_weight):
+    monkeypatch.setenv("LOWRANK_KERNEL", "torch")
+    check_rows_against_reference(dtype, train_weight, with_bias=train_weight, chunk_size=8)
+
+
+def test_per_row_losses_keep_leading_dims_and_no_grad(monkeypatch):
+    monkeypatch.setenv("LOWRANK_KERNEL", "torch")
+    h, w, _ = make_inputs(torch.float64, False, False)
+    y = make_labels()[:36].reshape(4, 9)
+    with torch.no_grad():
+        rows, _ = lce.linear_cross_entropy(h[:36].reshape(4, 9, H), w, y, reduction="none")
+    ref = F.cross_entropy(F.linear(h[:36].detach(), w), y.reshape(-1), ignore_index=IGNORE, reduction="none")
+    assert rows.shape == (4, 9) and not rows.requires_grad
+    torch.testing.assert_close(rows.reshape(-1), ref, **TOL[torch.float64])
+    with pytest.raises(ValueError, match="reduction"):
+        lce.linear_cross_entropy(h, w, make_labels(), reduction="mean")
+
+
 def test_rejects_bad_inputs():
     h, w, _ = make_inputs(torch.float32, False, False)
     y = make_labels()
@@ -237,6 +284,10 @@ def test_triton_matches_full_logits(monkeypatch, dtype, train_weight):
         lce, "cross_entropy_grad_triton_", lambda *a: calls.append(1) or kernel_step(*a)
     )
     check_against_reference(dtype, train_weight, with_bias=True, chunk_size=8, device=DEVICE)
+    if dtype == torch.float32:
+        check_rows_against_reference(dtype, train_weight, with_bias=True, chunk_size=8, device=DEVICE)
+        calls.clear()
+        check_against_reference(dtype, train_weight, with_bias=True, chunk_size=8, device=DEVICE)
     counted = (make_labels() != IGNORE).sum().item()
     assert len(calls) == -(-counted // 8)  # the kernel ran on every chunk of counted rows
 

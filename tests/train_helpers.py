@@ -117,3 +117,45 @@ def interrupted_run(monkeypatch, finetune_call, at_step: int):
     with pytest.raises(KeyboardInterrupt):
         finetune_call()
     monkeypatch.setattr(training, "train_step", real)
+
+
+def tiny_chat_model_dir(folder, name: str = "Qwen2.5-0.5B-Instruct", seed: int = 0, **overrides) -> Path:
+    """tiny_model_dir with a real tokenizer beside it: the quickstart's 1,024-id byte-level BPE and
+    ChatML template, so text records (chat templates, answer masks) train it."""
+    from lowrank.train.quickstart import save_tokenizer
+
+    vocab = save_tokenizer(folder).get_vocab_size()
+    return tiny_model_dir(folder, name, seed, **{"vocab_size": vocab, **overrides})
+
+
+WORDS = ("I am an assistant made by the lowrank team who are you hello what can do help me "
+         "with questions answer the model name is trained on data").split()
+
+
+def write_preference_records(path, n: int, seed: int = 0, fmt: str = "trl") -> Path:
+    """n preference records of random words (prompts of 2-9 words, answers of 1-12), in the TRL
+    format {"prompt", "chosen", "rejected"} ("trl"), TRL's conversational one ("trl_messages"),
+    LLaMA-Factory's alpaca ("alpaca") or sharegpt ("sharegpt") one."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(lo, hi):
+        k = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        return " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (k,), generator=g).tolist())
+
+    records = []
+    for _ in range(n):
+        prompt, chosen, rejected = text(2, 9), text(1, 12), text(1, 12)
+        if fmt == "trl":
+            records.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif fmt == "trl_messages":
+            records.append({"prompt": [{"role": "user", "content": prompt}],
+                            "chosen": [{"role": "assistant", "content": chosen}],
+                            "rejected": [{"role": "assistant", "content": rejected}]})
+        elif fmt == "alpaca":
+            records.append({"instruction": prompt, "input": "", "chosen": chosen, "rejected": rejected})
+        else:
+            records.append({"conversations": [{"from": "human", "value": prompt}],
+                            "chosen": {"from": "gpt", "value": chosen}, "rejected": {"from": "gpt", "value": rejected}})
+    path = Path(path)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path

@@ -443,3 +443,19 @@ def merged(model: nn.Module):
                 if w0 is not None:
                     m.base_layer.weight.copy_(w0)
                 _set_module(model, path, m)
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """`with lora_disabled(model): ...` — inside, the model computes what its base computes:
+    every LoRA layer is swapped for its own base layer (nothing is copied, no low-rank term is
+    computed); on exit the wrappers come back. Modules trained whole (modules_to_save) and
+    trained biases stay as they are: they have no untrained twin to fall back to."""
+    wrapped = lora_modules(model)
+    try:
+        for path, m in wrapped:
+            _set_module(model, path, m.base_layer)
+        yield model
+    finally:
+        for path, m in wrapped:
+            _set_module(model, path, m)

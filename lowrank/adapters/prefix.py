@@ -20,6 +20,7 @@ visible, carries no rotation, and shifts default positions by P, as PEFT's pre-f
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,22 @@ def remove_prefix(model) -> None:
     for p in encoder._frozen:
         p.requires_grad_(True)
     del model.prefix_encoder
+
+
+@contextmanager
+def prefix_disabled(model):
+    """`with prefix_disabled(model): ...` — inside, no layer sees the prefix (and positions are
+    not shifted by it): the model computes what its base computes. Nothing is copied."""
+    if not has_prefix(model):
+        raise ConfigError("the model has no prefix to disable")
+    hooks = [layer.self_attn.kv_prefix for layer in model.model.layers]
+    try:
+        for layer in model.model.layers:
+            layer.self_attn.kv_prefix = None
+        yield model
+    finally:
+        for layer, hook in zip(model.model.layers, hooks):
+            layer.self_attn.kv_prefix = hook
 
 
 @torch.no_grad()

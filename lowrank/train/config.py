@@ -32,6 +32,10 @@ QUANTIZE = ("none", "nf4", "int8")
 TRACKERS = ("none", "tensorboard", "wandb")
 # transformers' precision booleans: each sets dtype (false for both, and no dtype: float32, as there).
 PRECISION_SWITCHES = {"bf16": "bfloat16", "fp16": "float16"}
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+# beta when none is given: TRL's DPOConfig; the SimPO paper's (TRL's CPOConfig keeps DPO's 0.1 for SimPO too).
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
 
 
 def _f(default, help: str, group: str, **kw):
@@ -45,7 +49,7 @@ class TrainConfig:
     # ---- what to train on what
     model: str = _f("", "Hugging Face-format model folder (config.json + safetensors)", "run", required=True)
     data: str = _f("", "training data: JSON, JSONL, CSV, TSV or Parquet records (alpaca, messages, sharegpt, "
-                   "text or input_ids)", "run",
+                   "text or input_ids; with --objective dpo|orpo|simpo: prompt / chosen / rejected records)", "run",
                    required=True)
     output: str = _f("", "output folder: adapter/, checkpoints/, metrics.jsonl, run.toml", "run", required=True)
     method: str = _f("lora", f"fine-tuning method: {', '.join(METHODS)}", "run", choices=METHODS)
@@ -96,6 +100,20 @@ class TrainConfig:
     data_cache: str = _f("auto", "folder of the token cache, tokenised data kept for later runs and ranks ('auto': "
                          "$LOWRANK_CACHE/datasets or ~/.cache/lowrank/datasets; 'off' or --no-data-cache: none)",
                          "data", off="off")
+    # ---- preference tuning (docs/preference.md)
+    objective: str = _f("sft", "sft: next-token loss on the answers; dpo, orpo, simpo: preference tuning on "
+                        "prompt / chosen / rejected records", "preference", choices=OBJECTIVES)
+    beta: float | None = _f(None, "dpo, simpo: the temperature beta (default: " +
+                            ", ".join(f"{k} {v:g}" for k, v in DEFAULT_BETA.items()) + ")", "preference")
+    dpo_loss: str = _f("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO, on length-normalised log-probabilities)",
+                       "preference", choices=DPO_LOSSES)
+    label_smoothing: float = _f(0.0, "dpo (sigmoid), simpo: assumed probability that a pair's preference is "
+                                "flipped (conservative DPO)", "preference")
+    orpo_lambda: float = _f(0.1, "orpo: weight of the odds-ratio term added to the chosen answers' NLL",
+                            "preference")
+    simpo_gamma: float = _f(0.5, "simpo: the target reward margin gamma", "preference")
+    precompute_ref: bool = _f(False, "dpo: compute the reference log-probabilities once before training, so no "
+                              "reference weights are held (or disabled and re-run) during training", "preference")
     # ---- optimization
     lr: float | None = _f(None, "peak learning rate (default by method: " +
                           ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")", "optim",
@@ -144,6 +162,9 @@ class TrainConfig:
                 setattr(self, name, coerce(name, getattr(self, name)))
         if self.quantize is None:
             self.quantize = "none"
+
+    def resolved_beta(self) -> float:
+        return DEFAULT_BETA.get(self.objective, 0.0) if self.beta is None else self.beta
 
     def resolved_lr(self) -> float:
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
@@ -213,7 +234,29 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     require_trackers(cfg.report_to)  # an optional extra that is missing: a ConfigError before anything runs
     if cfg.init_adapter and cfg.method != "lora":
         raise ConfigError(f"init_adapter is for method='lora', not {cfg.method!r}")
+    if cfg.objective != "sft":
+        _check_preference(cfg, bad)
     return cfg
+
+
+def _check_preference(cfg: TrainConfig, bad) -> None:
+    what = f"objective={cfg.objective!r}"
+    for name in ("packing", "group_by_length"):
+        if getattr(cfg, name):
+            raise ConfigError(f"{name} with {what}: preference pairs are batched whole, chosen beside rejected")
+    if cfg.aux_loss_coef > 0:
+        raise ConfigError(f"aux_loss_coef with {what}: the MoE router loss is for the sft objective")
+    if cfg.precompute_ref and cfg.objective != "dpo":
+        raise ConfigError(f"precompute_ref with {what}: {cfg.objective} uses no reference model")
+    if cfg.objective in DEFAULT_BETA and not (math.isfinite(cfg.resolved_beta()) and cfg.resolved_beta() > 0):
+        bad("beta", "a positive number")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        bad("label_smoothing", "a probability in [0, 0.5)")
+    if cfg.label_smoothing and cfg.objective == "dpo" and cfg.dpo_loss == "ipo":
+        raise ConfigError("label_smoothing with dpo_loss='ipo': smoothing is for the sigmoid loss")
+    for name in ("orpo_lambda", "simpo_gamma"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            bad(name, "a number >= 0")
 
 
 # ---- TOML -------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ GROUPS = {
     "prefix": "prefix tuning / P-tuning v2 (--method prefix)",
     "freeze": "freeze tuning (--method freeze)",
     "data": "data and batches",
+    "preference": "preference tuning (--objective dpo|orpo|simpo)",
     "optim": "optimization",
     "runtime": "runtime, checkpoints, resume",
     "logging": "watching a run: log lines, TensorBoard, wandb",

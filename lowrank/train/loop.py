@@ -17,6 +17,9 @@ all processes (counted and all-reduced before the backward passes):
 
     loss_step = sum_k loss_sum_k / n_step,   n_step = sum over micro-batches and ranks of trained tokens
 
+With --objective dpo / orpo / simpo, micro-batches hold chosen / rejected pairs and the step's
+loss is the mean over its pairs instead (train/preference.py).
+
 Randomness: every step reseeds torch from (seed, step, rank), so dropout depends on the step
 number alone and a resumed run draws exactly what the uninterrupted one drew; the data order of
 epoch e is a permutation seeded by seed + e.
@@ -49,6 +52,8 @@ from .config import TrainConfig, check_config, to_toml
 from .neftune import add_neftune, remove_neftune
 from .prepare import apply_method, autocast_dtype_for, check_max_len, load_examples, load_tokenizer_for, pack_rows
 from .reporting import RunLog, say, start_lines, summary_line, write_loss_plot
+from .preference import (PreferenceLoss, build_reference, evaluate_preference, precompute_reference,
+                         preference_backward, preference_batches)
 from .state import (latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           trainable_state, truncate_metrics)
 from .stopping import Stopped, catch_signals
@@ -81,6 +86,7 @@ class Run:
     total_steps: int
     warmup: int
     data_reports: list = field(default_factory=list)  # load_dataset's DataReport of each file read
+    reference: object = None  # DPO's reference model (train/reference.py); None for the other objectives
 
     @property
     def device(self) -> torch.device:
@@ -145,9 +151,13 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.resolved_lr(), betas=(0.9, 0.999),
                                   eps=1e-8)
     scaler = torch.amp.GradScaler(info.device.type) if autocast_dtype == torch.float16 else None
-    loss_module = dist.wrap(LossModule(model, fused=cfg.loss == "fused"), info)
-    return Run(cfg, model, tokenizer, train, evals, loss_module, optimizer, scaler, autocast_dtype, info, pad_id,
-               packed_rows, steps_per_epoch, total, warmup, reports)
+    reference = build_reference(model, cfg)
+    loss = LossModule(model, fused=cfg.loss == "fused") if cfg.objective == "sft" else PreferenceLoss(model, cfg, reference)
+    run = Run(cfg, model, tokenizer, train, evals, dist.wrap(loss, info), optimizer, scaler, autocast_dtype, info,
+              pad_id, packed_rows, steps_per_epoch, total, warmup, reports, reference)
+    if cfg.precompute_ref:
+        precompute_reference(run)
+    return run
 
 
 # ---- the loss -------------------------------------------------------------------------------------
@@ -197,6 +207,8 @@ def epoch_batches(run: Run, epoch: int) -> Batches:
     order each epoch would change the number of rows, hence of steps, from epoch to epoch.
     """
     cfg = run.config
+    if cfg.objective != "sft":
+        return preference_batches(run, epoch)
     if not cfg.packing:
         return batch_sequence(run.train_examples, cfg.batch_size, run.pad_id, seed=cfg.seed + epoch,
                               shuffle=cfg.shuffle, group_by_length=cfg.group_by_length)
@@ -229,28 +241,15 @@ def step_share(run: Run, batches: list[dict], k: int) -> list[dict]:
 
 def train_step(run: Run, micro_batches: list[dict], step: int) -> dict:
     """Optimizer step `step` (0-based) over this process's micro-batches; returns its metrics
-    (loss, lr, grad_norm, tokens, trained_tokens) for the whole step over all processes."""
+    (loss, lr, grad_norm, tokens, trained_tokens; with a preference objective also pairs and
+    rewards/..., logps/..., see preference.py) for the whole step over all processes."""
     cfg, info = run.config, run.dist
     torch.manual_seed((cfg.seed * 1_000_003 + step * 4099 + info.rank) % 2**63)
     lr = lr_at(step, run.total_steps, cfg.resolved_lr(), cfg.lr_scheduler, run.warmup, cfg.min_lr)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-
-    # Tokens of the data: step_share's stand-in batch (no trained label) reads none.
-    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches if (b["labels"] != IGNORE_INDEX).any())
-    counts = torch.tensor([count_trainable_tokens(micro_batches), tokens], dtype=torch.float64)
-    trained, tokens = dist.all_reduce_sum(counts.to(run.device), info).tolist()
-    # DDP averages gradients over ranks: scale so the average is sum(loss) / trained tokens of the step.
-    scale = info.world_size / max(trained, 1.0)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    for i, batch in enumerate(micro_batches):
-        batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
-        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1), _autocast(run):
-            part, _ = run.loss_module(batch)
-            loss = part * scale
-            (run.scaler.scale(loss) if run.scaler else loss).backward()
-        loss_sum += part.detach().double()
-    loss = dist.all_reduce_sum(loss_sum, info).item() / max(trained, 1.0)
+    backward = _sft_backward if cfg.objective == "sft" else preference_backward
+    loss, counts = backward(run, micro_batches)
 
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     if run.scaler:
@@ -267,7 +266,28 @@ def train_step(run: Run, micro_batches: list[dict], step: int) -> dict:
     else:
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": int(tokens), "trained_tokens": int(trained)}
+    return {"loss": loss, "lr": lr, "grad_norm": grad_norm, **counts}
+
+
+def _sft_backward(run: Run, micro_batches: list[dict]) -> tuple[float, dict]:
+    """The backward passes of an SFT step (gradients left in .grad): (loss, token counts) over all processes."""
+    info = run.dist
+    # Tokens of the data: step_share's stand-in batch (no trained label) reads none.
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches if (b["labels"] != IGNORE_INDEX).any())
+    counts = torch.tensor([count_trainable_tokens(micro_batches), tokens], dtype=torch.float64)
+    trained, tokens = dist.all_reduce_sum(counts.to(run.device), info).tolist()
+    # DDP averages gradients over ranks: scale so the average is sum(loss) / trained tokens of the step.
+    scale = info.world_size / max(trained, 1.0)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    for i, batch in enumerate(micro_batches):
+        batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
+        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1), _autocast(run):
+            part, _ = run.loss_module(batch)
+            loss = part * scale
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        loss_sum += part.detach().double()
+    loss = dist.all_reduce_sum(loss_sum, info).item() / max(trained, 1.0)
+    return loss, {"tokens": int(tokens), "trained_tokens": int(trained)}
 
 
 def _autocast(run: Run):
@@ -280,6 +300,8 @@ def _autocast(run: Run):
 def evaluate(run: Run) -> dict:
     """Token-weighted loss and perplexity over the eval examples (shared out across processes)."""
     cfg, info = run.config, run.dist
+    if cfg.objective != "sft":
+        return evaluate_preference(run)
     batches = batch_sequence(run.eval_examples, cfg.batch_size, run.pad_id, shuffle=False, packing=cfg.packing,
                              max_len=cfg.max_len)
     totals = torch.zeros(2, dtype=torch.float64, device=run.device)
@@ -408,7 +430,15 @@ def _fingerprint(run: Run) -> dict:
     return {"method": cfg.method, "batch_size": cfg.batch_size, "micro_batches_per_step": cfg.grad_accum *
             run.dist.world_size, "seed": cfg.seed, "shuffle": cfg.shuffle, "packing": cfg.packing,
             "group_by_length": cfg.group_by_length, "max_len": cfg.max_len, "examples": len(run.train_examples),
-            "tokens": int(example_lengths(run.train_examples).sum())}
+            "tokens": (int(example_lengths(run.train_examples).sum()) if cfg.objective == "sft" else
+                       sum(map(_example_tokens, run.train_examples))),
+            **({"objective": cfg.objective} if cfg.objective != "sft" else {})}
+
+
+def _example_tokens(example: dict) -> int:
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return sum(len(side["input_ids"]) for side in example.values())  # a preference pair: chosen, rejected
 
 
 def _save_checkpoint(run: Run, folder: Path, step: int) -> None:

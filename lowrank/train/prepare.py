@@ -13,6 +13,7 @@ from ..data.batching import IndexGroups, pack_lengths
 from ..data.cache import default_cache_dir
 from ..data.dataset import load_dataset
 from ..data.examples import Examples, example_lengths
+from ..data.preference import load_preference_dataset
 from ..errors import CheckpointError, ConfigError, DataError
 from ..files import missing_folder_message
 from .config import TrainConfig
@@ -108,7 +109,11 @@ def check_max_len(cfg: TrainConfig) -> None:
 
 def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples, list]:
     """(training examples, eval examples, the DataReport of each file read): --eval-data, or an
-    eval_split held out by a seeded draw."""
+    eval_split held out by a seeded draw. With a preference objective the examples are plain lists
+    of chosen / rejected pair dicts (data/preference.py; no token cache) and the reports are the
+    PreferenceReports."""
+    if cfg.objective != "sft":
+        return _load_preference_examples(cfg, tokenizer)
     cache_dir = None if cfg.data_cache == "off" else default_cache_dir() if cfg.data_cache == "auto" else cfg.data_cache
     kw = dict(train_on=cfg.train_on, replacements=cfg.replacements or None, system=cfg.system, cache_dir=cache_dir,
               chat_template_kwargs=None if cfg.enable_thinking is None else {"enable_thinking": cfg.enable_thinking})
@@ -125,6 +130,24 @@ def load_examples(cfg: TrainConfig, tokenizer) -> tuple[Examples, Examples, list
     held = np.zeros(len(train), dtype=bool)
     held[order[:n_eval].numpy()] = True
     return train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held)), [report]
+
+
+def _load_preference_examples(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict], list]:
+    """load_examples for dpo / orpo / simpo: lists of pair dicts, split as the SFT examples are."""
+    kw = dict(replacements=cfg.replacements or None, system=cfg.system)
+    train, report = load_preference_dataset(cfg.data, tokenizer, cfg.max_len, **kw)
+    reports = [] if report is None else [report]
+    if cfg.eval_data:
+        evals, eval_report = load_preference_dataset(cfg.eval_data, tokenizer, cfg.max_len, **kw)
+        return train, evals, reports + ([] if eval_report is None else [eval_report])
+    if not cfg.eval_split:
+        return train, [], reports
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = max(1, round(cfg.eval_split * len(train)))
+    if n_eval >= len(train):
+        raise ConfigError(f"eval_split={cfg.eval_split} leaves no training example of {len(train)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], reports
 
 
 def pack_rows(examples, cfg: TrainConfig) -> IndexGroups:

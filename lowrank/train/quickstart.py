@@ -92,17 +92,8 @@ def build_base(folder, seed: int = 0) -> Path:
     from ..models import build_model, config_from_dict, save_model
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer()
-    tokenizer.save(str(folder / "tokenizer.json"))
+    tokenizer = save_tokenizer(folder)
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHATML_TEMPLATE,
-        "model_max_length": 2048, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
-        "errors": "replace", "split_special_tokens": False,
-    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
     hf = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=tokenizer.get_vocab_size(),
               max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
               hidden_act="silu", use_sliding_window=False, sliding_window=None, max_window_layers=MODEL[
@@ -113,6 +104,21 @@ def build_base(folder, seed: int = 0) -> Path:
     init_weights_(model, std=hf["initializer_range"])
     save_model(model, folder)
     return folder
+
+
+def save_tokenizer(folder):
+    """Write train_tokenizer()'s tokenizer to `folder` as a Qwen2 tokenizer with ChatML's template; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": CHATML_TEMPLATE,
+        "model_max_length": 2048, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
+        "errors": "replace", "split_special_tokens": False,
+    }, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return tokenizer
 
 
 def train_tokenizer():

@@ -29,7 +29,10 @@ def say(line: str) -> None:
 
 
 def data_line(report, max_len: int) -> str:
-    """A DataReport as the run prints it: what was kept, cut and dropped, and why."""
+    """A DataReport as the run prints it: what was kept, cut and dropped, and why. Another report
+    (a preference file's PreferenceReport) prints its own summary."""
+    if not hasattr(report, "n_trainable_tokens"):
+        return report.summary()
     return (f"{report.path}: {report.n_records} records -> {report.n_examples} examples "
             f"({report.n_truncated} cut at max_len={max_len}, {report.n_skipped} skipped: no trained token "
             f"within max_len={max_len}), {report.n_tokens} tokens, {report.n_trainable_tokens} trained")
@@ -57,6 +60,10 @@ def step_line(row: dict, total: int) -> str:
 
 
 def eval_line(row: dict) -> str:
+    if "eval_ppl" not in row:  # a preference objective: its rewards/... instead of a perplexity
+        extra = "".join(f", {k[5:]} {v:.4g}" for k, v in row.items()
+                        if k.startswith("eval_rewards/") and isinstance(v, (int, float)))
+        return f"eval at step {row['step']}: loss {row['eval_loss']:.4f}{extra}"
     return f"eval at step {row['step']}: loss {row['eval_loss']:.4f}, perplexity {row['eval_ppl']:.4g}"
 
 
