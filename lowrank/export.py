@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"lowrank: error: {message}\n")
+from .errors import CommandLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lowrank.export", description="Merge a LoRA adapter into its base model and write a "
+    p = CommandLineParser(prog="python -m lowrank.export", description="Merge a LoRA adapter into its base model and write a "
                 "complete Hugging Face folder: weights, config, tokenizer, chat template, generation_config.json.")
     p.add_argument("--model", required=True, help="base model folder (or a freeze / full fine-tune's folder)")
     p.add_argument("--adapter", help="LoRA adapter folder (PEFT format) to merge; leave out for freeze / full")

@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"lowrank: error: {message}\n")
+from .errors import CommandLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lowrank.generate", description="Chat with a model (and an adapter) through its chat "
+    p = CommandLineParser(prog="python -m lowrank.generate", description="Chat with a model (and an adapter) through its chat "
                 "template, or answer --prompt once. Sampling defaults come from the model's generation_config.json.")
     p.add_argument("--model", required=True, help="Hugging Face-format model folder")
     p.add_argument("--adapter", help="PEFT adapter folder (LoRA or prefix) to apply to the model")

@@ -9,17 +9,13 @@ a panel with its train and eval loss against step, on a shared loss axis. Needs 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"lowrank: error: {message}\n")
+from .errors import CommandLineParser
 
 
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m lowrank.plot", description="Draw train and eval loss against step for "
+    p = CommandLineParser(prog="python -m lowrank.plot", description="Draw train and eval loss against step for "
                 "one or several lowrank.train output folders, side by side, into a PNG.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output folders of python -m lowrank.train")
     p.add_argument("--output", default="loss.png", help="the PNG to write (default: loss.png)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..errors import ConfigError
+from ..errors import CommandLineParser, ConfigError
 from .config import FIELDS, TrainConfig, coerce
 
 GROUPS = {
@@ -28,13 +28,8 @@ GROUPS = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, as every other bad input
-        self.exit(2, f"lowrank: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m lowrank.train", description="Fine-tune a Qwen / DeepSeek model with LoRA, "
+    parser = CommandLineParser(prog="python -m lowrank.train", description="Fine-tune a Qwen / DeepSeek model with LoRA, "
                      "prefix tuning, freeze or full training. Settings: defaults < --config TOML < flags.")
     parser.add_argument("--config", metavar="TOML", default=argparse.SUPPRESS,
                         help="read settings from this TOML file (keys: the flag names); flags override it")
