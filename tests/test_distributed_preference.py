@@ -4,8 +4,8 @@ over the ranks) killed while writing a checkpoint and resumed, and for the refer
 
 The step's loss is the mean over all of its pairs, as TRL normalises per pair: 9 training pairs
 in micro-batches of 2 make micro-batches of 2, 2, 2, 2 and 1 pairs, two per step, so the third
-step has one pair on rank 0 and nothing on rank 1 (step_share's stand-in), and a rank-local
-mean would count that pair twice."""
+step has one pair on rank 0 and nothing on rank 1 (step_share's stand-in): a mean of the ranks'
+means (DDP averages gradients over ranks) would give it half its weight."""
 
 import signal
 
