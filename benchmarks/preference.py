@@ -4,7 +4,9 @@
 
 Both train the same random Qwen2-shaped checkpoint (written once with lowrank.save_model) on the
 same pre-tokenized pairs (TRL's prompt_ids / chosen_ids / rejected_ids, so neither tokenizes):
-LoRA r=8, alpha=16, no dropout, on all seven projections; beta 0.1; AdamW; clipping at 1.0; the
+LoRA r=8, alpha=16, no dropout, on all seven projections; beta 0.1; AdamW; clipping at 1.0; fp32
+compute without gradient checkpointing (TRL's DPOConfig defaults to both bf16 and checkpointing:
+turned off here, else TRL does other work); the
 reference log-probabilities precomputed before training (lowrank --precompute-ref, TRL
 precompute_ref_log_probs=True), so both steps are a policy forward and backward on 2B rows.
 lowrank runs build_run + train_step (fused LM-head log-probs); TRL runs DPOTrainer.train() on a
@@ -159,7 +161,11 @@ def worker(variant: str, model: str, data: str, w: dict) -> dict:
         args = DPOConfig(output_dir=str(Path(data).parent / "trl"), beta=0.1, per_device_train_batch_size=w["pairs"],
                          max_steps=total, learning_rate=1e-4, lr_scheduler_type="constant", max_grad_norm=1.0,
                          logging_steps=1, report_to=[], use_cpu=not torch.cuda.is_available(), save_strategy="no",
-                         precompute_ref_log_probs=True, max_length=None)
+                         precompute_ref_log_probs=True, max_length=None,
+                         # DPOConfig's own defaults are bf16 autocast and gradient checkpointing;
+                         # lowrank's CPU run is fp32 without checkpointing, so turn both off for the
+                         # same work (bf16 on a CPU without AMX is ~10x slower than fp32).
+                         bf16=False, gradient_checkpointing=False)
         trainer = DPOTrainer(model=hf, args=args, processing_class=tok, callbacks=[Timer()],
                              train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
         # Hand TRL the token columns its own preparation would produce; then its precompute runs on them.

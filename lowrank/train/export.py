@@ -3,12 +3,19 @@
 
     export_model("Qwen2.5-0.5B-Instruct", "runs/a/adapter", "runs/a/merged")   # LoRA, merged
     export_model("runs/b/adapter", None, "runs/b/export")                       # freeze / full
+    export_model("Qwen2.5-7B-Instruct", "runs/q/adapter", "runs/q/nf4", quantize="nf4")   # bnb 4-bit
 
 The folder holds the weights (a LoRA adapter folded in: W + scale * B @ A, computed in fp32 and
 rounded once), config.json, the tokenizer files, the chat template (written out as
 chat_template.jinja when the tokenizer's came from lowrank's defaults or an override) and
 generation_config.json (copied, or made from the model's bos / eos ids). `save_model` alone
 writes only config and weights, which a tokenizer-less consumer refuses or misreads.
+
+quantize="nf4" | "int8" quantises the merged projections afterwards (what `load_model(quantize=)`
+quantises, as it does) and writes transformers + bitsandbytes' layout: the merge is into the
+full-precision weights, so export from the unquantised base (docs/quantization.md says why); a
+`*-bnb-4bit` base is merged into its dequantised weights and its layers without an adapter are
+kept as stored, not rounded twice.
 
 Everything is checked before anything is written; the folder is written under `<output>.partial`
 and renamed into place, so a failed export leaves no half folder under the real name.
@@ -28,20 +35,24 @@ from ..files import missing_folder_message, read_json_object, write_atomic
 from ..models.checkpoint import load_model, save_model
 from ..models.config import DTYPES
 from ..models.families import read_config
+from ..models.quantized import FORMATS, QuantizedLinear, quantizable, quantize_weight, quantized_modules
 from .loop import TOKENIZER_FILES
 
 
 def export_model(model_dir, adapter_dir, output, dtype: torch.dtype | str | None = None, *,
-                 tokenizer_dir=None, chat_template: str | None = None) -> Path:
+                 tokenizer_dir=None, chat_template: str | None = None, quantize: str | None = None) -> Path:
     """Write `model_dir` with the adapter in `adapter_dir` merged (None: the model as it is, for a
     freeze or full fine-tune) as a complete Hugging Face folder at `output`; returns it.
 
     dtype: of the written weights ("bfloat16", torch.bfloat16, ...); default the checkpoint's.
     tokenizer_dir: where the tokenizer files are (default model_dir). chat_template: a built-in
-    name, a .jinja file or Jinja source to ship instead of the tokenizer's own.
+    name, a .jinja file or Jinja source to ship instead of the tokenizer's own. quantize: None,
+    or "nf4" / "int8" to write the merged projections quantised, in bitsandbytes' layout.
     """
     model_dir, output = Path(model_dir), Path(output)
     dtype = _dtype(dtype)
+    if quantize not in (None, *FORMATS):
+        raise ConfigError(f"quantize={quantize!r}: expected None, 'nf4' or 'int8' (bitsandbytes' fp4 is not written)")
     if not model_dir.is_dir():
         raise CheckpointError(missing_folder_message(model_dir))
     config = read_config(model_dir)
@@ -66,6 +77,8 @@ def export_model(model_dir, adapter_dir, output, dtype: torch.dtype | str | None
         load_adapter(model, adapter_dir)
         if kind == "LORA":
             merge_adapter(model)
+    if quantize is not None:
+        _quantize(model, quantize, model_dir)
 
     partial = output.with_name(output.name + ".partial")
     if partial.exists():
@@ -85,6 +98,21 @@ def export_model(model_dir, adapter_dir, output, dtype: torch.dtype | str | None
         output.rmdir()  # empty, checked above
     partial.rename(output)
     return output
+
+
+def _quantize(model, fmt: str, model_dir: Path):
+    """Quantise every full-precision projection `load_model(quantize=fmt)` would; a layer the
+    folder stores quantised and the adapter left alone stays as stored."""
+    stored = {m.format for _, m in quantized_modules(model)} - {fmt}
+    if stored:
+        raise ConfigError(f"{model_dir}: its projections are stored as {stored.pop()}; quantize={fmt!r} would "
+                          "quantise them twice: export from the full-precision model, or in the stored format")
+    with torch.no_grad():
+        for path in sorted(quantizable(model)):
+            lin = model.get_submodule(path)
+            parent, _, name = path.rpartition(".")
+            bias = None if lin.bias is None else lin.bias.detach()
+            setattr(model.get_submodule(parent), name, QuantizedLinear(quantize_weight(lin.weight.detach(), fmt), bias))
 
 
 def _dtype(dtype):
