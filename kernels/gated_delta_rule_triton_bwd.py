@@ -222,6 +222,7 @@ def _dwy_kernel(
 # --------------------------------------------------------------------------------------
 
 
+
 def backward(q, k, v, g, beta, initial_state, scale, do, dfinal):
     """The forward's operands (contiguous; initial_state fp32 or None), do [B, T, H, V] and
     dfinal [B, H, K, V] or None (no gradient reached the final state). Returns dq, dk, dv, dg,
@@ -229,16 +230,15 @@ def backward(q, k, v, g, beta, initial_state, scale, do, dfinal):
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
-    BK, _, BV = fwd.blocks(K, V, v.is_cuda)
-    precision = fwd.matmul_precision(v.dtype)
-    meta = dict(BT=CHUNK, BK=BK, BV=BV, PRECISION=precision)
+    BK, _, BV_seq, BV_par = fwd.blocks(K, V, v.is_cuda)
+    meta = dict(BT=CHUNK, BK=BK, BV=BV_seq, PRECISION=fwd.matmul_precision(v.dtype), num_warps=fwd.NUM_WARPS)
     w, u0, u, _, h, _ = fwd.chunk_states(k, v, g, beta, initial_state)
 
     du = fwd.new_output(v, B * T * H, V)
-    _dv_local_kernel[(triton.cdiv(V, BV), NT, B * H)](q, k, g, do, du, T, H, K, V, scale, **meta)
+    _dv_local_kernel[(triton.cdiv(V, BV_par), NT, B * H)](q, k, g, do, du, T, H, K, V, scale, **dict(meta, BV=BV_par))
     dh = fwd.new_output(v, B * H, NT, K, V)
     dh0 = fwd.new_output(v, B, H, K, V) if initial_state is not None else None
-    _dstate_kernel[(triton.cdiv(V, BV), B * H)](
+    _dstate_kernel[(triton.cdiv(V, BV_seq), B * H)](
         q, k, w, g, do, dfinal if dfinal is not None else dh, du, dh, dh0 if dh0 is not None else dh,
         T, H, K, V, NT, scale, HAS_INITIAL=dh0 is not None, HAS_FINAL_GRAD=dfinal is not None, **meta)
 

@@ -177,11 +177,23 @@ def new_output(x: torch.Tensor, *shape: int, dtype=torch.float32) -> torch.Tenso
     return x.new_empty(shape, dtype=dtype)
 
 
+# Every launch, forward and backward, runs 8 warps: at K = V = 128 ptxas (sm_90a, bf16) found 4 warps
+# spilling 4-20 KB (stores + loads) in all but the two output-side kernels, 8 warps a third of that
+# or nothing (`python -m benchmarks.gated_delta_rule --compile-only`). The interpreter ignores it.
+NUM_WARPS = 8
+
+
 def blocks(K, V, on_gpu):
+    """(BK, BV_full, BV_seq, BV_par): all of K, all of V (for _wy_kernel), and the V tiles of the
+    sequential state passes and the kernels that loop over V (32: with a [K, BV] state or [64, K]
+    accumulators held across the loop, 64-wide tiles spilled more, and _dqk_kernel wanted 232 KB
+    of shared memory, over an H100's 227 KB) and of the parallel output-side kernels (64 on a GPU:
+    fewer recomputations of Q K^T, no spill at either width)."""
     BK = max(16, triton.next_power_of_2(K))  # tl.dot needs every dim >= 16
     BV_full = max(16, triton.next_power_of_2(V))
-    BV = min(BV_full, 64 if on_gpu else 32)  # the interpreter: V tiles small enough that V = 40 crosses one
-    return BK, BV_full, BV
+    BV_seq = min(BV_full, 32)
+    BV_par = min(BV_full, 64 if on_gpu else 32)  # the interpreter: V tiles small enough that V = 40 crosses one
+    return BK, BV_full, BV_seq, BV_par
 
 
 def chunk_states(k, v, g, beta, initial_state):
@@ -191,20 +203,20 @@ def chunk_states(k, v, g, beta, initial_state):
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
-    BK, BV_full, BV = blocks(K, V, v.is_cuda)
+    BK, BV_full, BV, _ = blocks(K, V, v.is_cuda)
     precision = matmul_precision(v.dtype)
     w = new_output(v, B * T * H, K)
     u0 = new_output(v, B * T * H, V)
     gcum = new_output(v, B * T * H)
     _wy_kernel[(NT, B * H)](k, v, g, beta, w, u0, gcum, T, H, K, V,
-                            BT=CHUNK, BK=BK, BV=BV_full, PRECISION=precision)
+                            BT=CHUNK, BK=BK, BV=BV_full, PRECISION=precision, num_warps=NUM_WARPS)
     h = new_output(v, B * H, NT, K, V)
     u = new_output(v, B * T * H, V)
     final = new_output(v, B, H, K, V)
     h0 = initial_state if initial_state is not None else final  # any pointer: never read without HAS_INITIAL
     _state_kernel[(triton.cdiv(V, BV), B * H)](k, w, u0, gcum, h0, h, u, final, T, H, K, V, NT,
                                                HAS_INITIAL=initial_state is not None,
-                                               BT=CHUNK, BK=BK, BV=BV, PRECISION=precision)
+                                               BT=CHUNK, BK=BK, BV=BV, PRECISION=precision, num_warps=NUM_WARPS)
     return w, u0, u, gcum, h, final
 
 
@@ -214,9 +226,10 @@ def forward(q, k, v, g, beta, initial_state, scale):
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, CHUNK)
-    BK, _, BV = blocks(K, V, v.is_cuda)
+    BK, _, _, BV = blocks(K, V, v.is_cuda)
     _, _, u, gcum, h, final = chunk_states(k, v, g, beta, initial_state)
     o = new_output(v, B, T, H, V, dtype=v.dtype)
     _output_kernel[(triton.cdiv(V, BV), NT, B * H)](q, k, u, gcum, h, o, T, H, K, V, NT, scale,
-                                                    BT=CHUNK, BK=BK, BV=BV, PRECISION=matmul_precision(v.dtype))
+                                                    BT=CHUNK, BK=BK, BV=BV, PRECISION=matmul_precision(v.dtype),
+                                                    num_warps=NUM_WARPS)
     return o, final
