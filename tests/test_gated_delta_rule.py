@@ -310,8 +310,9 @@ def test_triton_matches_recurrence(monkeypatch, poisoned, dtype, T, with_state):
 @needs_triton
 def test_triton_backward_is_triton(monkeypatch, poisoned):
     """The gradients come from the Triton backward: with the torch chunked form and its
-    triangular solve made to raise, fp32 T = 70 (a chunk and 6 rows) with an initial state and
-    no final state asked for (so no gradient reaches it), as float64 autograd of the recurrence."""
+    triangular solve made to raise, fp32 T = 70 (a chunk and 6 rows) with an initial state, as
+    float64 autograd of the recurrence, for a loss on the output alone (no final state asked
+    for, so no gradient reaches it) and on the final state alone (none reaches the output)."""
     monkeypatch.setenv("LOWRANK_KERNEL", "triton")
 
     def refuse(*args, **kwargs):
@@ -321,17 +322,22 @@ def test_triton_backward_is_triton(monkeypatch, poisoned):
         monkeypatch.setattr(module, "chunk_gated_delta_rule_torch", refuse, raising=False)
     monkeypatch.setattr(torch.linalg, "solve_triangular", refuse)
     inputs = make_inputs(1, 70, seed=16)
-    dy = torch.randn(1, 70, H, V, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
-    ours = cast(inputs, torch.float32, DEVICE)
-    o, S = chunk_gated_delta_rule(*ours[:5], initial_state=ours[5])
-    assert S is None
-    (o * dy.to(o)).sum().backward()
-    leaves = cast(inputs, torch.float64)
-    o_ref, _ = gated_delta_rule_reference(*leaves[:5], initial_state=leaves[5])
-    ref_grads = torch.autograd.grad((o_ref * dy).sum(), leaves)
-    assert_matches(o, o_ref, torch.float32, "o")
-    for name, t, ref_grad in zip(NAMES, ours, ref_grads):
-        assert_matches(t.grad, ref_grad, torch.float32, f"d{name}")
+    gen = torch.Generator().manual_seed(17)
+    dy, ds = torch.randn(1, 70, H, V, generator=gen, dtype=torch.float64), torch.randn(1, H, K, V, generator=gen,
+                                                                                        dtype=torch.float64)
+    for final_state in (False, True):
+        ours = cast(inputs, torch.float32, DEVICE)
+        o, S = chunk_gated_delta_rule(*ours[:5], initial_state=ours[5], output_final_state=final_state)
+        ((S * ds.to(S)).sum() if final_state else (o * dy.to(o)).sum()).backward()
+        leaves = cast(inputs, torch.float64)
+        o_ref, S_ref = gated_delta_rule_reference(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        ref_grads = torch.autograd.grad((S_ref * ds).sum() if final_state else (o_ref * dy).sum(), leaves,
+                                        allow_unused=True)  # q does not reach the state
+        ref_grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, ref_grads)]
+        assert (S is not None) == final_state
+        assert_matches(o, o_ref, torch.float32, "o")
+        for name, t, ref_grad in zip(NAMES, ours, ref_grads):
+            assert_matches(t.grad, ref_grad, torch.float32, f"d{name} (loss on {'S' if final_state else 'o'})")
 
 
 @needs_triton
