@@ -3,6 +3,7 @@
     python -m benchmarks.gated_delta_rule                       # GPU: Qwen3.5-9B linear-attention shapes, bf16
     python -m benchmarks.gated_delta_rule --t 4096 --batch 1    # one shape
     python -m benchmarks.gated_delta_rule --quick               # tiny shape, fp32, CPU (the default without a GPU)
+    python -m benchmarks.gated_delta_rule --compile-only        # build every kernel for sm_90, no GPU: ptxas's report
 
 Shapes are one Gated DeltaNet layer of Qwen3.5-9B (config.json: linear_num_value_heads = 32,
 linear_key_head_dim = 128, linear_value_head_dim = 128; the 16 key heads are repeated to the 32
@@ -92,6 +93,56 @@ def timed(fn, inputs, backward, reps, device):
     return statistics.median(times) * 1e3
 
 
+def compile_check() -> bool:
+    """Compile every forward and backward kernel for sm_90 without a GPU, at the Qwen3.5-9B shape
+    (K = V = 128, bf16 q/k/v) with the launchers' meta-parameters: catches what the interpreter
+    cannot (types, layouts, shared memory) and prints ptxas's registers and spills per kernel.
+    False if a kernel needs more shared memory than an H100 has."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from benchmarks.lora_matmul import _ptxas_registers
+    from lowrank.kernels import gated_delta_rule_triton_bwd as bwd
+    from lowrank.kernels import gated_delta_rule_triton_fwd as fwd
+
+    if not hasattr(fwd._wy_kernel, "params"):
+        raise SystemExit("TRITON_INTERPRET=1 is set: unset it to compile")
+    smem_limit = 232448  # H100: 227 KB of shared memory per block
+    low_precision = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr"}
+
+    def signature(fn):  # 16-divisible pointers, as a launch on these shapes would specialise them
+        sig, attrs = {}, {}
+        for i, param in enumerate(fn.params):
+            name = param.name
+            if param.is_constexpr:
+                sig[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                sig[name] = "*bf16" if name in low_precision else "*fp32"
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[name] = "fp32" if name == "scale" else "i32"
+        return sig, attrs
+
+    BK, BV_full, BV_seq, BV_par = fwd.blocks(QWEN35_9B["k"], QWEN35_9B["v"], on_gpu=True)
+    common = dict(BT=fwd.CHUNK, BK=BK, BV=BV_seq, PRECISION="tf32", HAS_INITIAL=True, HAS_FINAL_GRAD=True)
+    jobs = [(fwd._wy_kernel, dict(BV=BV_full)), (fwd._state_kernel, {}), (fwd._output_kernel, dict(BV=BV_par)),
+            (bwd._dv_local_kernel, dict(BV=BV_par)), (bwd._dstate_kernel, {}), (bwd._dqk_kernel, {}),
+            (bwd._dwy_kernel, {})]
+    fits = True
+    for fn, meta in jobs:
+        sig, attrs = signature(fn)
+        consts = {k: v for k, v in {**common, **meta}.items() if k in sig}
+        out = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=fwd.NUM_WARPS))
+        regs, spilled = _ptxas_registers(out.asm["ptx"])
+        fits &= out.metadata.shared <= smem_limit
+        print(f"{fn.__name__:>16} BV={consts['BV']} warps={fwd.NUM_WARPS}: {out.metadata.shared / 1024:.0f} KB shared"
+              f"{'' if out.metadata.shared <= smem_limit else ' TOO BIG'}, {regs} registers, {spilled} bytes spilled",
+              flush=True)
+    return fits
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny shape, fp32 (the default without a GPU)")
@@ -100,7 +151,11 @@ def main(argv=None):
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--out", type=Path)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile every kernel for sm_90 (no GPU needed) and print ptxas's registers and spills")
     args = p.parse_args(argv)
+    if args.compile_only:
+        raise SystemExit(0 if compile_check() else 1)
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     quick = args.quick or device == "cpu"
     shape = TINY if quick else QWEN35_9B

@@ -32,7 +32,8 @@ Three paths, one answer within dtype tolerance:
   - `gated_delta_rule_reference`: the recurrence above (the spec);
   - `chunk_gated_delta_rule_torch`: the chunked form in torch, differentiable by autograd (the
     CPU path and the fallback);
-  - the Triton kernels in `gated_delta_rule_triton.py` for CUDA tensors (`dispatch.use_triton`).
+  - the Triton kernels for CUDA tensors (`dispatch.use_triton`), forward and backward: the autograd
+    Function in `gated_delta_rule_triton.py`, its kernels in `_triton_fwd.py` and `_triton_bwd.py`.
 `cu_seqlens` (packed sequences, B = 1) is handled once, here, for every path: see `varlen.py`.
 `gated_delta_rule_step` is the recurrent form for decoding a few tokens onto a state.
 """

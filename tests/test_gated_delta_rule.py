@@ -25,8 +25,9 @@ from tests.conftest import ROOT, TOL, run_triton_tests_interpreted, triton_statu
 gdr = importlib.import_module("lowrank.kernels.gated_delta_rule")
 
 H, K, V = 3, 24, 40
-INTERPRETED, TRITON_RUNS = triton_status("lowrank.kernels.gated_delta_rule_triton", "_wy_kernel")
+INTERPRETED, TRITON_RUNS = triton_status("lowrank.kernels.gated_delta_rule_triton_fwd", "_wy_kernel")
 gdr_triton = importlib.import_module("lowrank.kernels.gated_delta_rule_triton") if TRITON_RUNS else None
+gdr_triton_fwd = importlib.import_module("lowrank.kernels.gated_delta_rule_triton_fwd") if TRITON_RUNS else None
 DEVICE = "cuda" if TRITON_RUNS and not INTERPRETED else "cpu"
 needs_triton = pytest.mark.skipif(
     not TRITON_RUNS, reason="no GPU: test_interpreter_subprocess runs these under TRITON_INTERPRET=1"
@@ -286,7 +287,7 @@ def test_benchmark_quick_mode_runs(tmp_path):
 @pytest.fixture
 def poisoned(monkeypatch):
     """Every buffer a kernel must write in full starts as NaN, so a skipped element fails."""
-    monkeypatch.setattr(gdr_triton, "new_output",
+    monkeypatch.setattr(gdr_triton_fwd, "new_output",
                         lambda x, *shape, dtype=torch.float32: x.new_full(shape, float("nan"), dtype=dtype))
 
 
@@ -304,6 +305,39 @@ def poisoned(monkeypatch):
 def test_triton_matches_recurrence(monkeypatch, poisoned, dtype, T, with_state):
     monkeypatch.setenv("LOWRANK_KERNEL", "triton")
     check_against_recurrence(chunk_gated_delta_rule, 1, T, dtype, with_state, seed=T, device=DEVICE)
+
+
+@needs_triton
+def test_triton_backward_is_triton(monkeypatch, poisoned):
+    """The gradients come from the Triton backward: with the torch chunked form and its
+    triangular solve made to raise, fp32 T = 70 (a chunk and 6 rows) with an initial state, as
+    float64 autograd of the recurrence, for a loss on the output alone (no final state asked
+    for, so no gradient reaches it) and on the final state alone (none reaches the output)."""
+    monkeypatch.setenv("LOWRANK_KERNEL", "triton")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the Triton path ran torch's chunked form")
+
+    for module in (gdr, gdr_triton, importlib.import_module("lowrank.kernels.gated_delta_rule_torch")):
+        monkeypatch.setattr(module, "chunk_gated_delta_rule_torch", refuse, raising=False)
+    monkeypatch.setattr(torch.linalg, "solve_triangular", refuse)
+    inputs = make_inputs(1, 70, seed=16)
+    gen = torch.Generator().manual_seed(17)
+    dy, ds = torch.randn(1, 70, H, V, generator=gen, dtype=torch.float64), torch.randn(1, H, K, V, generator=gen,
+                                                                                        dtype=torch.float64)
+    for final_state in (False, True):
+        ours = cast(inputs, torch.float32, DEVICE)
+        o, S = chunk_gated_delta_rule(*ours[:5], initial_state=ours[5], output_final_state=final_state)
+        ((S * ds.to(S)).sum() if final_state else (o * dy.to(o)).sum()).backward()
+        leaves = cast(inputs, torch.float64)
+        o_ref, S_ref = gated_delta_rule_reference(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        ref_grads = torch.autograd.grad((S_ref * ds).sum() if final_state else (o_ref * dy).sum(), leaves,
+                                        allow_unused=True)  # q does not reach the state
+        ref_grads = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, ref_grads)]
+        assert (S is not None) == final_state
+        assert_matches(o, o_ref, torch.float32, "o")
+        for name, t, ref_grad in zip(NAMES, ours, ref_grads):
+            assert_matches(t.grad, ref_grad, torch.float32, f"d{name} (loss on {'S' if final_state else 'o'})")
 
 
 @needs_triton
