@@ -179,7 +179,8 @@ def run_triton_tests_interpreted(test_file: str):
     """Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when a kernel
     module is first imported, and importing lowrank already did that in this process: so a
     file's `test_triton_*` tests run in a fresh pytest with the variable set from the start.
-    Fails unless they all pass there (none skipped)."""
+    Fails unless they all pass there (none skipped). The timeout only catches a hang: the
+    interpreted gated-delta-rule backward alone took 135-226 s on a loaded 2-core machine."""
     import os
     import subprocess
     import sys
@@ -187,7 +188,7 @@ def run_triton_tests_interpreted(test_file: str):
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     cmd = [sys.executable, "-m", "pytest", test_file, "-k", "test_triton_", "-p", "no:cacheprovider"]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     report = run.stdout + run.stderr
     assert run.returncode == 0, report
     assert " passed" in report and "skipped" not in report, report
