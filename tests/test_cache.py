@@ -126,6 +126,41 @@ def test_a_failed_build_leaves_no_entry(qwen, tmp_path, monkeypatch):
     assert not load(data, qwen, tmp_path / "cache")[1].from_cache
 
 
+def test_a_new_build_removes_left_over_builds_that_stopped_writing(qwen, tmp_path):
+    from lowrank.data import cache
+
+    left = {}
+    for name, idle in (("stopped", cache.STALE_AFTER + 60), ("live", cache.STALE_AFTER - 60)):
+        tmp = tmp_path / "cache" / f".d-{name}.tmp-4242-abcdef01"
+        tmp.mkdir(parents=True)
+        (tmp / "input_ids").write_bytes(b"\0" * 12)
+        then = os.path.getmtime(tmp) - idle
+        for p in (tmp / "input_ids", tmp):  # the folder last: writing its file touched it
+            os.utime(p, (then, then))
+        left[name] = tmp
+    os.utime(left["live"] / "input_ids")  # a build still writing: its file is new, the folder old
+    entry = tmp_path / "cache" / "kept-0123"  # a complete entry is never swept
+    entry.mkdir()
+    os.utime(entry, (0, 0))
+    load(write(tmp_path / "d.jsonl", RECORDS), qwen, tmp_path / "cache")
+    assert not left["stopped"].exists() and left["live"].is_dir() and entry.is_dir()
+    assert load(write(tmp_path / "d.jsonl", RECORDS), qwen, tmp_path / "cache")[1].from_cache
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_records_read_a_chunk_at_a_time_give_the_same_load(qwen, tmp_path, monkeypatch, cached):
+    from lowrank.data import dataset
+
+    data = write(tmp_path / "d.jsonl", RECORDS * 3)
+    whole, whole_report = load(data, qwen)
+    monkeypatch.setattr(dataset, "CHUNK", 3)  # chunks cut across the records, the skipped and the truncated
+    got, got_report = load(data, qwen, tmp_path / "cache" if cached else None)
+    assert list(got) == list(whole) and plain(got_report) == whole_report
+    bad = write(tmp_path / "bad.jsonl", RECORDS * 2 + [{"instruction": "x", "output": 3}])
+    with pytest.raises(DataError, match=r"bad\.jsonl: record 16: field 'output' must be a string"):
+        load(bad, qwen, tmp_path / "cache" if cached else None)
+
+
 RANK_SCRIPT = """
 import json, sys
 import torch.distributed as dist

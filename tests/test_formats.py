@@ -107,3 +107,92 @@ def test_parquet_without_pyarrow_says_so(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as when not installed
     with pytest.raises(DataError, match=r"data.parquet: reading Parquet needs pyarrow, which is not installed"):
         read_records(path)
+
+
+# ---- streaming: iter_records reads as the whole-file reader does ----------------------------------
+
+ROW = {"instruction": "第 1 题, \"quoted\"\u2028sep", "output": "b\r\nc", "history": [["x", "y"]], "n": 12345}
+TEXTS = {  # name -> the file's text: valid files in every layout, and the broken ones
+    "array.json": "[\n" + ",\n".join(json.dumps(dict(ROW, n=i), ensure_ascii=False) for i in range(9)) + "\n]\n",
+    "compact.json": json.dumps([dict(ROW, n=i) for i in range(7)]) + " \r\n\t",
+    "array_then_ff.json": json.dumps([ROW, ROW]) + "\n\x0c",
+    "two_arrays.json": json.dumps([ROW]) + "\n" + json.dumps([ROW]),
+    "empty_array.json": "[ \n ]",
+    "trailing_comma.json": json.dumps([ROW, ROW])[:-1] + ",]",
+    "number_element.json": json.dumps([ROW, ROW]).replace("}]", "}, 1234567]"),
+    "unterminated.json": json.dumps([ROW, ROW])[:-3],
+    "one_object.json": json.dumps(ROW),
+    "pretty_object.json": json.dumps(ROW, indent=2),
+    "lines.json": "\r\n".join(json.dumps(dict(ROW, n=i)) for i in range(5)) + "\n\n",
+    "lines_raw_separator.json": json.dumps(ROW) + "\n" + json.dumps(ROW, ensure_ascii=False),
+    "object_then_ff.json": json.dumps(ROW) + "\n\x0c\n",
+    "scalar.json": "  5 ",
+    "table.json": "instruction,output\nhi,yo\n",
+    "bom.json": "\ufeff" + json.dumps([ROW]),
+    "space.json": " \n\t ",
+    "lines.jsonl": "\n" + "\r\n".join(json.dumps(dict(ROW, n=i)) for i in range(6)),
+    "raw_separator.jsonl": json.dumps(ROW, ensure_ascii=False) + "\n",
+    "bad_line.jsonl": json.dumps(ROW) + "\n{oops\n" + json.dumps(ROW),
+    "list_line.jsonl": json.dumps(ROW) + "\n[1]\n",
+    "bom.jsonl": "\ufeff" + json.dumps(ROW),
+    "empty.jsonl": "",
+    "quoted.csv": 'instruction,output,history\n"a\r\nb",yo,"[[""x"", ""y""]]"\r\n\r\nc,"d,e",[]\n',
+    "quoted.tsv": "instruction\toutput\n\"a\tb\"\tyo\nc\td\n",
+    "ragged.csv": "instruction,output\na,b\nc\n",
+    "header_only.csv": "instruction,output\n",
+    "twice.csv": "a,a\n1,2\n",
+    "blank.csv": " \n",
+    "bad_quote.csv": 'instruction,output\na,b\n"c,d\n',
+}
+
+
+def _outcome(read, path):
+    try:
+        return read(path)
+    except DataError as e:
+        return f"DataError: {e}"
+
+
+@pytest.mark.parametrize("block", [5, 64, 1 << 20])
+@pytest.mark.parametrize("name", sorted(TEXTS))
+def test_streamed_records_are_the_whole_files(tmp_path, monkeypatch, name, block):
+    from lowrank.data import formats
+
+    path = tmp_path / name
+    path.write_bytes(TEXTS[name].encode("utf-8"))  # bytes: the newlines stay as written
+    monkeypatch.setattr(formats, "BLOCK", block)  # elements cut at block ends
+    want = _outcome(formats._read_whole, path)
+    assert _outcome(formats.read_records, path) == want
+    if name.startswith(("trailing", "bad_line")):
+        assert "comma" in want or "line 2" in want  # the whole reader's message, naming the place
+
+
+def test_not_utf8_late_in_the_file_says_so(tmp_path):
+    path = tmp_path / "data.jsonl"
+    good, bad = (json.dumps(ROW) + "\n").encode() * 50, b'{"instruction": "\xff"}\n'
+    path.write_bytes(good + bad)
+    where = len(good) + bad.index(b"\xff")  # the byte's position in the file, not in a block of it
+    with pytest.raises(DataError, match=rf"data.jsonl: not UTF-8 text \('utf-8' codec can't decode byte 0xff in "
+                                        rf"position {where}:"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("name", ["array.json", "compact.json", "lines.json", "lines.jsonl", "quoted.csv",
+                                  "quoted.tsv", "rows.parquet"])
+def test_valid_files_stream_without_reading_them_whole(tmp_path, monkeypatch, name):
+    from lowrank.data import formats
+
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pa = pytest.importorskip("pyarrow")
+        import pyarrow.parquet as pq
+
+        rows = [dict(ROW, n=i, output=None if i % 3 == 0 else f"out {i}") for i in range(11)]
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=4)
+        monkeypatch.setattr(formats, "PARQUET_ROWS", 3)
+    else:
+        path.write_bytes(TEXTS[name].encode("utf-8"))
+    want = formats._read_whole(path)
+    monkeypatch.setattr(formats, "BLOCK", 64)
+    monkeypatch.setattr(formats, "_read_whole", lambda p: pytest.fail(f"{p} was read whole"))
+    assert list(formats.iter_records(path)) == want

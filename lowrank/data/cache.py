@@ -8,9 +8,13 @@ train_on, replacements, system, and CACHE_VERSION (raised whenever the way examp
 changes). A changed file or option is another key, so it misses.
 
 Writes are atomic: an entry is built in a hidden temporary folder beside its final name and
-renamed into place when complete, so a crash mid-write leaves nothing a later run trusts (the
-``.tmp`` folder may be deleted at any time). An entry whose files do not match meta.json (a
-truncated file, a missing one) is removed with a warning and rebuilt.
+renamed into place when complete, so a crash mid-write leaves nothing a later run trusts. What
+it does leave, a ``.<entry>.tmp-<pid>-<random>`` folder, is removed by the next build in the same
+cache folder once nothing in it has been written for STALE_AFTER seconds. Age, not the pid: the
+cache folder may be shared by nodes, where a pid names a process of another machine (or one reused
+since), while a live build writes its files every chunk of records, seconds apart. An entry whose
+files do not match meta.json (a truncated file, a missing one) is removed with a warning and
+rebuilt.
 
 Under torchrun the local rank 0 of each node builds a missing entry while the other ranks wait
 in a collective, then every rank maps it: one tokenisation per node (per cluster when the cache
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -34,6 +39,7 @@ from ..errors import DataError
 from .examples import ARRAYS, Examples, ExampleWriter
 
 CACHE_VERSION = 1
+STALE_AFTER = 3600  # seconds without a write after which a build's temporary folder is left over
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
@@ -108,6 +114,7 @@ def _load_or_build_here(folder: Path, parts: dict, build):
             warnings.warn(f"{folder}: corrupt token cache ({e}); rebuilding it", stacklevel=4)
             shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(folder.parent)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
@@ -128,6 +135,21 @@ def _load_or_build_here(folder: Path, parts: dict, build):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (*open_entry(folder, parts), True)
+
+
+def remove_stale_builds(cache_dir: Path, now: float | None = None) -> list[Path]:
+    """Delete the temporary folders of builds that stopped (see the module doc); the ones deleted."""
+    now = time.time() if now is None else now
+    removed = []
+    for tmp in cache_dir.glob(".*.tmp-*"):
+        try:
+            last = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
+        except OSError:  # removed meanwhile by its builder or another sweep
+            continue
+        if now - last > STALE_AFTER:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 class _Corrupt(Exception):

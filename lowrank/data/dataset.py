@@ -24,6 +24,7 @@ chat_template_kwargs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from . import cache, fast_tokenize
 from .examples import IGNORE_INDEX, Examples, ExampleWriter
-from .formats import read_records, text_example  # noqa: F401  (read_records: the public reader)
+from .formats import iter_records, read_records, text_example  # noqa: F401  (read_records: the public reader)
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -85,7 +86,7 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
         raise DataError(f"{path}: data file not found")
 
     def build(writer) -> dict:
-        report = tokenize_records(path, read_records(path), tokenizer, max_len, writer, train_on=train_on,
+        report = tokenize_records(path, iter_records(path), tokenizer, max_len, writer, train_on=train_on,
                                   replacements=replacements, system=system,
                                   chat_template_kwargs=chat_template_kwargs)
         return dataclasses.asdict(report)
@@ -112,16 +113,17 @@ def load_dataset(path, tokenizer, max_len: int, *, train_on: str = "all_turns",
 CHUNK = 2048
 
 
-def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer: ExampleWriter, *,
+def tokenize_records(path, records, tokenizer, max_len: int, writer: ExampleWriter, *,
                      train_on: str = "all_turns", replacements=None, system=None,
                      chat_template_kwargs: dict | None = None) -> DataReport:
-    """Tokenize `records` into `writer` (truncated at max_len, untrained ones dropped): the report."""
-    report = DataReport(path=str(path), n_records=len(records))
+    """Tokenize `records` (an iterable of dicts, read CHUNK at a time) into `writer` (truncated at
+    max_len, untrained ones dropped): the report. Memory holds one chunk, whatever the file's size."""
+    report = DataReport(path=str(path))
     labeler = fast_tokenize.BatchLabeler(tokenizer) if fast_tokenize.supports(tokenizer) else None
-    for chunk in range(0, len(records), CHUNK):
+    records = iter(records)
+    while chunk := list(itertools.islice(records, CHUNK)):
         found, texts = [], []  # per record: its examples, or indices into texts (rendered, not yet encoded)
-        for index in range(chunk, min(chunk + CHUNK, len(records))):
-            record = records[index]
+        for index, record in enumerate(chunk, start=report.n_records):
             try:
                 if "input_ids" in record:
                     found.append([pretokenized_example(record, len(tokenizer))])
@@ -137,6 +139,7 @@ def tokenize_records(path, records: list[dict], tokenizer, max_len: int, writer:
                         texts += spans
             except DataError as e:
                 raise DataError(f"{path}: record {index}: {e}") from None
+        report.n_records += len(chunk)
         encoded = labeler.label(texts) if texts else []
         for examples in found:
             if not examples:
