@@ -1,6 +1,6 @@
 """Predicted GPU peak memory of a LoRA training step, lowrank against transformers + peft, on any machine.
 
-    python -m benchmarks.memory_estimate [--only NAME]
+    python -m benchmarks.memory_estimate [--only NAME]   (--only: replaces that workload's row)
 
 For each GPU workload of benchmarks/train_throughput.py (same shapes, rank, batch, checkpointing),
 one process per library builds the model and runs two optimizer steps on fake tensors (torch's
@@ -19,7 +19,14 @@ have no CUDA):
 - lowrank's LoRA runs its torch path (the Triton path keeps the same input and a smaller r-wide
   product for the backward), and the fused loss takes its CUDA branch (fp32-output GEMMs on the
   bf16 head, so no fp32 copy of the head);
-- every label is trained (the workloads' masked share is 0), and Adam's step counts are 1.
+- every label is trained (the workloads' masked share is 0), and Adam's step counts are 1;
+- lowrank-nf4 (QLoRA) is built as load_model(quantize="nf4") builds it: the model on the meta
+  device, each decoder projection made in bf16 and quantised at once (packed 4-bit codes, uint8
+  absmax, one fp32 nested absmax per 256 blocks), so only one full-precision projection exists
+  at a time; its base matmuls take the torch path, which dequantises the weight to bf16 for each
+  matmul, forward and backward. On a GPU the Triton path dequantises inside the GEMM tiles and
+  holds no such weight, so this is an upper bound by about one layer's largest projection and its
+  scratch (dequantize_nf4: ~8 bytes per element at most, 0.5 GiB for Qwen2.5-7B's MLP).
 
 Writes benchmarks/results/memory_estimate.json.
 """
@@ -47,6 +54,7 @@ except ImportError:  # run as a script (the workers): this folder is sys.path[0]
     from train_throughput import PROJECTIONS, WORKLOADS, hf_config, step_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("lowrank", "lowrank-nf4", "peft")
 GIB = 2**30
 
 
@@ -66,7 +74,7 @@ def main():
             continue
         shape = {k: v for k, v in step_shape(w).items() if k in ("batch", "seq", "r", "checkpointing")}
         row = {"workload": w["name"], **shape, "variants": {}}
-        for variant in ("lowrank", "peft"):
+        for variant in [v for v in VARIANTS if v in w["variants"]]:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
                    json.dumps(hf_config(w["config"])), json.dumps(shape)]
             done = subprocess.run(cmd, capture_output=True, text=True)
@@ -78,14 +86,23 @@ def main():
         v = row["variants"]
         row["peak_ratio"] = v["lowrank"]["peak_bytes"] / v["peft"]["peak_bytes"]
         print(f"{w['name']:18s} lowrank / transformers+peft peak: {row['peak_ratio']:.2f}x")
+        if "lowrank-nf4" in v:
+            row["nf4_peak_ratio"] = v["lowrank-nf4"]["peak_bytes"] / v["lowrank"]["peak_bytes"]
+            print(f"{w['name']:18s} lowrank-nf4 / lowrank peak: {row['nf4_peak_ratio']:.2f}x")
         rows.append(row)
-    if not args.only:
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / "memory_estimate.json"
-        out.write_text(json.dumps({"date": date.today().isoformat(), "torch": torch.__version__,
-                                   "method": "fake tensors, live storage bytes after every op",
-                                   "rows": rows}, indent=1) + "\n")
-        print(f"wrote {out}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "memory_estimate.json"
+    for row in rows:
+        row.update(date=date.today().isoformat(), torch=torch.__version__)
+    # A run of some workloads (--only) replaces their rows and keeps the others'.
+    ran = {row["workload"] for row in rows}
+    old = json.loads(out.read_text())["rows"] if out.exists() else []
+    order = [w["name"] for w in WORKLOADS["cuda"]]
+    rows = sorted([r for r in old if r["workload"] not in ran] + rows,
+                  key=lambda r: order.index(r["workload"]) if r["workload"] in order else len(order))
+    out.write_text(json.dumps({"method": "fake tensors, live storage bytes after every op", "rows": rows},
+                              indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 # ---- the counting ------------------------------------------------------------------------------
@@ -106,7 +123,7 @@ class LiveBytes(TorchDispatchMode):
         self.fake, self.live, self.now, self.peak = fake, {}, 0, 0
 
     def add(self, t):
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":  # a model built on meta holds no memory
             return
         storage = t.untyped_storage()
         key = storage._cdata
@@ -164,7 +181,7 @@ def flash_attention_stand_in(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=F
 
 def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend_cuda: bool = True,
              steps: int = 2) -> dict:
-    """Peak bytes of `steps` LoRA optimizer steps of `variant` ("lowrank" or "peft") on a model of the
+    """Peak bytes of `steps` LoRA optimizer steps of `variant` (one of VARIANTS) on a model of the
     transformers `config` dict. fake=False runs real CPU tensors (for the tests); pretend_cuda makes
     the fused loss take its CUDA branch, which only fake tensors can."""
     counter = LiveBytes(fake)
@@ -173,7 +190,7 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
     with contextlib.ExitStack() as stand_ins:  # every patch is undone on the way out
         stand_ins.enter_context(mock.patch("torch.nn.functional.scaled_dot_product_attention",
                                            flash_attention_stand_in))
-        if variant == "lowrank" and pretend_cuda:
+        if variant.startswith("lowrank") and pretend_cuda:
             stand_ins.enter_context(mock.patch("lowrank.kernels.linear_cross_entropy._fp32_out_gemm",
                                                lambda t: True))
         if variant == "peft":
@@ -181,8 +198,8 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
         stand_ins.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext())
         stand_ins.enter_context(counter)
         torch.manual_seed(0)
-        if variant == "lowrank":
-            model, step = _lowrank(config, shape)
+        if variant.startswith("lowrank"):
+            model, step = _lowrank(config, shape, quantize=variant == "lowrank-nf4")
         else:
             model, step = _peft(config, shape)
         weights = counter.now
@@ -199,14 +216,17 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
     return {"weights_bytes": weights, "peak_bytes": counter.peak, "trainable": sum(p.numel() for p in params)}
 
 
-def _lowrank(config: dict, shape: dict):
+def _lowrank(config: dict, shape: dict, quantize: bool = False):
     from lowrank.adapters.lora import LoraConfig, apply_lora
     from lowrank.models import build_model, config_from_dict
     from lowrank.train.loop import causal_lm_loss
 
     torch.set_default_dtype(torch.bfloat16)  # frozen weights in bf16, as lowrank.train does under bf16
     try:
-        model = build_model(config_from_dict(config))
+        if quantize:
+            model = _build_nf4(config_from_dict(config))
+        else:
+            model = build_model(config_from_dict(config))
     finally:
         torch.set_default_dtype(torch.float32)
     apply_lora(model, LoraConfig(r=shape["r"], alpha=2 * shape["r"], target_modules=PROJECTIONS))
@@ -221,6 +241,27 @@ def _lowrank(config: dict, shape: dict):
         return loss / ids.numel()
 
     return model, step
+
+
+def _build_nf4(cfg):
+    """The model with its decoder projections in NF4, the rest in the default dtype, built as
+    load_model(quantize="nf4") builds it: on the meta device, then one projection at a time made
+    in full precision and quantised (random values: only the bytes are counted)."""
+    from lowrank.models import build_model
+    from lowrank.models.quantized import QuantizedLinear, quantizable, quantize_weight
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    for path in sorted(quantizable(model)):
+        lin = model.get_submodule(path)
+        w = torch.randn(lin.weight.shape) * lin.in_features ** -0.5
+        bias = None if lin.bias is None else torch.randn(lin.bias.shape)
+        model.set_submodule(path, QuantizedLinear(quantize_weight(w, "nf4"), bias))
+        del w
+    rest = {name: torch.randn(p.shape) * 0.02 for name, p in model.named_parameters() if p.is_meta}
+    model.load_state_dict(rest, strict=False, assign=True)
+    model.tie_weights()
+    return model
 
 
 def _peft_stand_ins(stack):

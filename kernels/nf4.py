@@ -137,11 +137,26 @@ def nf4_indices(qw: NF4Weight) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).view(-1)[: qw.shape.numel()].long()
 
 
+def byte_levels(device=None) -> torch.Tensor:
+    """fp32 [256, 2]: the two NF4 levels a packed byte holds, the high nibble's first."""
+    code, byte = nf4_code(device), torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
 def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight as `dtype` (default: the original's): NF4[q] * absmax in fp32, rounded once."""
-    values = nf4_code(qw.device)[nf4_indices(qw)]
-    scales = block_absmax(qw).repeat_interleave(qw.blocksize)[: values.numel()]
-    return (values * scales).view(qw.shape).to(dtype or qw.dtype)
+    """The weight as `dtype` (default: the original's): NF4[q] * absmax in fp32, rounded once.
+
+    One gather of both levels of each byte from a 256-entry table, then each block scaled in
+    place by its absmax (no unpacked indices, no repeated absmax): 3 passes over the weight, about
+    6 bytes of scratch per element beside the result; the same products as nf4_indices would give."""
+    n, bs = qw.shape.numel(), qw.blocksize
+    values = byte_levels(qw.device).index_select(0, qw.packed.view(-1).int()).view(-1)[:n]
+    absmax = block_absmax(qw)
+    full = n - n % bs
+    values[:full].view(-1, bs).mul_(absmax[: full // bs, None])
+    if full < n:  # a short last block
+        values[full:].mul_(absmax[-1])
+    return values.view(qw.shape).to(dtype or qw.dtype)
 
 
 # --- the safetensors layout -------------------------------------------------------------------

@@ -43,14 +43,9 @@ def allocator_peak(prof) -> int:
     return peak
 
 
-@pytest.mark.parametrize("variant", ["lowrank", "peft"])
-@pytest.mark.parametrize("checkpointing,tied", [(False, True), (True, False)])
-def test_fake_count_matches_the_allocator_on_real_tensors(me, variant, checkpointing, tied):
-    config = me.hf_config(dict(hidden_size=96, intermediate_size=232, num_hidden_layers=2, num_attention_heads=6,
-                               num_key_value_heads=2, vocab_size=1999, tie_word_embeddings=tied))
-    shape = {"batch": 3, "seq": 53, "r": 5, "checkpointing": checkpointing}
+def fake_and_measured(me, variant, config, shape):
+    """(the fake-tensor estimate, the real-tensor one, the CPU allocator's peak over the real run)."""
     sdpa, module_to = F.scaled_dot_product_attention, torch.nn.Module.to
-
     fake = me.estimate(variant, config, shape, fake=True, pretend_cuda=False)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         real = me.estimate(variant, config, shape, fake=False, pretend_cuda=False)
@@ -62,7 +57,43 @@ def test_fake_count_matches_the_allocator_on_real_tensors(me, variant, checkpoin
     assert fake["weights_bytes"] == pytest.approx(real["weights_bytes"], rel=1e-3)
     assert real["peak_bytes"] == pytest.approx(measured, rel=0.01)
     assert fake["peak_bytes"] == pytest.approx(measured, rel=0.02)
+    return fake, real, measured
+
+
+@pytest.mark.parametrize("variant", ["lowrank", "peft"])
+@pytest.mark.parametrize("checkpointing,tied", [(False, True), (True, False)])
+def test_fake_count_matches_the_allocator_on_real_tensors(me, variant, checkpointing, tied):
+    config = me.hf_config(dict(hidden_size=96, intermediate_size=232, num_hidden_layers=2, num_attention_heads=6,
+                               num_key_value_heads=2, vocab_size=1999, tie_word_embeddings=tied))
+    shape = {"batch": 3, "seq": 53, "r": 5, "checkpointing": checkpointing}
+    fake, _, _ = fake_and_measured(me, variant, config, shape)
     assert fake["peak_bytes"] > 2 * fake["weights_bytes"]  # activations and the loss are counted, not just weights
+
+
+def nf4_bytes(n: int, k: int) -> int:
+    """What bitsandbytes stores for an [n, k] NF4 weight, double quantised: 4-bit codes, a uint8
+    absmax per 64 values, an fp32 absmax per 256 of those."""
+    blocks = -(-n * k // 64)
+    return -(-n * k // 2) + blocks + 4 * -(-blocks // 256)
+
+
+def test_qlora_count_matches_the_allocator_where_the_weights_dominate(me):
+    """Few tokens, wide projections, checkpointing: the peak is mostly the NF4 weights and the bf16
+    weight each base matmul dequantises (with its scratch), which the count must hold too."""
+    h, inter, layers, vocab = 192, 1000, 3, 1001
+    config = me.hf_config(dict(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=6,
+                               num_key_value_heads=2, vocab_size=vocab, tie_word_embeddings=False))
+    shape = {"batch": 1, "seq": 13, "r": 3, "checkpointing": True}
+    fake, _, _ = fake_and_measured(me, "lowrank-nf4", config, shape)
+    dense = me.estimate("lowrank", config, shape)
+
+    kv = 2 * h // 6
+    projections = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    biases = 2 * (h + 2 * kv)  # q/k/v biases stay bf16
+    bf16 = 2 * sum(n * k for n, k in projections) + biases
+    assert dense["weights_bytes"] - fake["weights_bytes"] == layers * (bf16 - sum(nf4_bytes(n, k) for n, k in projections)
+                                                                       - biases)
+    assert fake["peak_bytes"] - fake["weights_bytes"] > 2 * inter * h  # a dequantised MLP weight is counted
 
 
 def test_checkpointing_and_the_fused_loss_lower_the_predicted_peak(me):

@@ -20,7 +20,7 @@ from lowrank.models.checkpoint import load_model, save_model
 from lowrank.models.quantized import QuantizedLinear, dequantize_model, quantized_modules
 from lowrank.train.loop import TrainConfig, build_run, finetune
 from tests.conftest import TOL, make_bnb_checkpoint, make_hf_checkpoint, real_config, shrink
-from tests.train_helpers import adapter_tensors, read_metrics, tiny_model_dir, write_pretokenized
+from tests.train_helpers import adapter_tensors, cli, read_metrics, tiny_model_dir, write_pretokenized
 
 F32 = TOL[torch.float32]
 
@@ -177,12 +177,35 @@ def test_qlora_steps_equal_a_run_on_the_dequantised_weights(runs, qlora, tmp_pat
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_qlora_resume_continues_the_uninterrupted_run(runs, qlora, tmp_path):
-    cfg, whole = qlora
-    finetune(replace(cfg, output=str(tmp_path / "cut"), max_steps=2, save_every=1))
-    resumed = finetune(replace(cfg, output=str(tmp_path / "cut"), resume=True))
-    rows = [r["loss"] for r in read_metrics(tmp_path / "cut")[0]]
-    assert len(rows) == 3 and resumed.losses == [pytest.approx(whole.losses[-1], rel=1e-6)]
+def test_resume_refuses_another_quantize_and_with_the_same_continues_the_uninterrupted_run(
+        runs, qlora, tmp_path, monkeypatch, capsys):
+    cfg, whole = qlora  # 3 steps, NF4 base, dropout and gradient checkpointing
+    out = tmp_path / "cut"
+    args = ["--model", cfg.model, "--data", cfg.data, "--output", out, "--method", "lora", "--r", cfg.r,
+            "--dropout", cfg.dropout, "--lr", cfg.lr, "--batch-size", cfg.batch_size, "--grad-accum", cfg.grad_accum,
+            "--lr-scheduler", "constant", "--dtype", "float32", "--device", "cpu", "--seed", cfg.seed,
+            "--gradient-checkpointing", "--no-progress"]
+    code, _, err = cli("lowrank.train", args + ["--quantize", "nf4", "--max-steps", 2, "--save-every", 1],
+                       monkeypatch, capsys)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for other in ("none", "int8"):
+        code, _, err = cli("lowrank.train", args + ["--quantize", other, "--max-steps", 3, "--resume"],
+                           monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"was written with quantize='nf4', this run has quantize='{other}'" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+
+    code, _, err = cli("lowrank.train", args + ["--quantize", "nf4", "--max-steps", 3, "--resume"],
+                       monkeypatch, capsys)
+    assert code == 0, err
+    rows = read_metrics(out)[0]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["loss"] for r in rows] == pytest.approx(whole.losses, rel=1e-6)
+    ours, theirs = adapter_tensors(out), adapter_tensors(cfg.output)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("method", ["freeze", "full"])

@@ -425,11 +425,13 @@ def _finetune(run: Run) -> TrainResult:
 
 
 def _fingerprint(run: Run) -> dict:
-    """What a resumed run must share with the checkpoint for its data position to mean the same batches."""
+    """What a resumed run must share with the checkpoint for its data position to mean the same batches
+    (and, method and quantize, for its trainable parameters to continue on the same model)."""
     cfg = run.config
-    return {"method": cfg.method, "batch_size": cfg.batch_size, "micro_batches_per_step": cfg.grad_accum *
-            run.dist.world_size, "seed": cfg.seed, "shuffle": cfg.shuffle, "packing": cfg.packing,
-            "group_by_length": cfg.group_by_length, "max_len": cfg.max_len, "examples": len(run.train_examples),
+    return {"method": cfg.method, "quantize": cfg.quantize, "batch_size": cfg.batch_size,
+            "micro_batches_per_step": cfg.grad_accum * run.dist.world_size, "seed": cfg.seed,
+            "shuffle": cfg.shuffle, "packing": cfg.packing, "group_by_length": cfg.group_by_length,
+            "max_len": cfg.max_len, "examples": len(run.train_examples),
             "tokens": (int(example_lengths(run.train_examples).sum()) if cfg.objective == "sft" else
                        sum(map(_example_tokens, run.train_examples))),
             **({"objective": cfg.objective} if cfg.objective != "sft" else {})}

@@ -93,6 +93,10 @@ def latest_checkpoint(folder) -> Path | None:
     return found[-1] if found else None
 
 
+# Settings checkpoints have recorded only since a later version: an older one ran with the default.
+_UNRECORDED_DEFAULTS = {"quantize": "none"}
+
+
 def load_checkpoint(path, model, optimizer, expected: dict | None = None) -> dict:
     """Restore the trainable parameters and the optimizer state from checkpoint `path`; return
     its state.json. `expected`: settings that must equal the checkpoint's (ConfigError naming the
@@ -100,7 +104,7 @@ def load_checkpoint(path, model, optimizer, expected: dict | None = None) -> dic
     path = Path(path)
     state = read_json_object(path / "state.json")
     for key, value in (expected or {}).items():
-        saved = state.get("run", {}).get(key)
+        saved = state.get("run", {}).get(key, _UNRECORDED_DEFAULTS.get(key))
         if saved != value:
             raise ConfigError(f"{path}: was written with {key}={saved!r}, this run has {key}={value!r}; "
                               "resume with the same setting or start a new output folder")
