@@ -217,18 +217,19 @@ def main():
     out.parent.mkdir(exist_ok=True)
     machine = torch.cuda.get_device_name() if device == "cuda" else _cpu_name()
     for row in results:
-        row.update(date=date.today().isoformat(), threads=args.threads or torch.get_num_threads(),
+        row.update(date=date.today().isoformat(), machine=machine, threads=args.threads or torch.get_num_threads(),
                    repeats=args.repeats, torch=torch.__version__)
-    # One file per machine: a run of some workloads (--only, as a time-limited GPU session must)
-    # replaces their rows and keeps the others'.
+    # Each row names its machine: a run of some workloads (--only, as a time-limited GPU session
+    # must) replaces the rows of those workloads on this machine and keeps every other row, so the
+    # sessions' different machines do not erase each other's results.
     old = json.loads(out.read_text()) if out.exists() else {}
-    if old.get("machine") == machine:
-        ran = {row["workload"] for row in results}
-        order = [w["name"] for w in WORKLOADS[device]]
-        results = sorted([r for r in old.get("results", []) if r["workload"] not in ran] + results,
-                         key=lambda r: order.index(r["workload"]) if r["workload"] in order else len(order))
-    out.write_text(json.dumps({"date": date.today().isoformat(), "machine": machine, "results": results},
-                              indent=2) + "\n")
+    kept = [dict(r, machine=r.get("machine", old.get("machine"))) for r in old.get("results", [])]
+    ran = {(row["workload"], machine) for row in results}
+    order = [w["name"] for w in WORKLOADS[device]]
+    results = sorted([r for r in kept if (r["workload"], r["machine"]) not in ran] + results,
+                     key=lambda r: (order.index(r["workload"]) if r["workload"] in order else len(order),
+                                    r["machine"]))
+    out.write_text(json.dumps({"date": date.today().isoformat(), "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
