@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 _INV_127 = 7.874015718698502e-3  # fp32(1/127): bitsandbytes' constant
+CHUNK = 1 << 22  # elements (quantised or dequantised) at a time: about 24 MB of scratch
 
 
 @dataclass
@@ -43,16 +44,30 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     """Per-row absmax int8 of a [N, K] float weight, as `Int8Params(w, has_fp16_weights=False)` does."""
     if w.dim() != 2 or w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_int8 takes a 2-d fp32, fp16 or bf16 weight, got {w.dtype} {tuple(w.shape)}")
-    w16 = w.detach().to(torch.float16)
-    scb = w16.abs().amax(dim=1).float()
-    scaled = w16 * (127.0 / scb)[:, None]  # fp16 * fp32 -> fp32, as bitsandbytes computes it
-    codes = torch.where(scb[:, None] > 0, torch.round(scaled), 0.0).to(torch.int8)
+    # Rows are independent: a block of rows at a time keeps the fp16 copy and the fp32 scaled
+    # values to a chunk's size (6 bytes per element of the whole weight otherwise).
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for rows in _row_blocks(w):
+        w16 = w[rows].detach().to(torch.float16)
+        scb[rows] = w16.abs().amax(dim=1).float()
+        scaled = w16 * (127.0 / scb[rows])[:, None]  # fp16 * fp32 -> fp32, as bitsandbytes computes it
+        codes[rows] = torch.where(scb[rows][:, None] > 0, torch.round(scaled), 0.0).to(torch.int8)
     return Int8Weight(codes, scb, w.dtype)
+
+
+def _row_blocks(w: torch.Tensor):
+    """Slices of rows of about CHUNK elements each."""
+    step = max(1, CHUNK // max(1, w.shape[1]))
+    return [slice(i, i + step) for i in range(0, w.shape[0], step)]
 
 
 def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """W8 * SCB / 127 as `dtype` (default: the original's), computed in fp32 and rounded once."""
-    return (qw.weight.float() * qw.scb[:, None] * _INV_127).to(dtype or qw.dtype)
+    out = torch.empty(qw.weight.shape, dtype=dtype or qw.dtype, device=qw.weight.device)
+    for rows in _row_blocks(qw.weight):  # the fp32 scratch is a block of rows', not the weight's
+        out[rows] = qw.weight[rows].float() * qw.scb[rows, None] * _INV_127
+    return out
 
 
 def to_bnb_state_dict(qw: Int8Weight, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -85,6 +85,11 @@ class NF4Weight:
                          move(self.nested_absmax), self.nested_offset)
 
 
+# Elements quantised or dequantised at a time: a multiple of every blocksize (and of 2, for the
+# packing); 4M elements keep the scratch near 64 MB.
+CHUNK = 1 << 22
+
+
 def _blockwise_nearest(flat: torch.Tensor, blocksize: int, code: torch.Tensor):
     """(indices into the sorted `code`, absmax per block) of a flat fp32 tensor, rounded as
     bitsandbytes' backends/default/ops.py rounds: full blocks scaled by the reciprocal of their
@@ -109,12 +114,21 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise ValueError(f"quantize_nf4 takes an fp32, fp16 or bf16 weight, got {w.dtype}")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"blocksize {blocksize}: bitsandbytes takes a power of two from 32 to 4096")
-    flat = w.detach().reshape(-1).float()
-    q, absmax = _blockwise_nearest(flat, blocksize, nf4_code(w.device))
-    q = q.to(torch.uint8)
-    if q.numel() % 2:
-        q = torch.cat([q, q.new_full((1,), 7)])  # the padding is level 7, 0.0
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+    # A chunk of blocks at a time: the fp32 copy, the scaled values and the int64 level indices
+    # would otherwise be 16 bytes of scratch per element at once (1.1 GB for one of a 7B model's
+    # MLP weights, while the checkpoint loads). Every block is rounded on its own, so chunks
+    # give the same bytes.
+    flat, n = w.detach().reshape(-1), w.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device)
+    absmaxes = []
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of every blocksize, and even
+        q, absmax = _blockwise_nearest(flat[start:start + CHUNK].float(), blocksize, nf4_code(w.device))
+        q = q.to(torch.uint8)
+        if q.numel() % 2:
+            q = torch.cat([q, q.new_full((1,), 7)])  # the padding is level 7, 0.0
+        packed[start // 2:start // 2 + q.numel() // 2, 0] = (q[0::2] << 4) | q[1::2]
+        absmaxes.append(absmax)
+    absmax = torch.cat(absmaxes) if absmaxes else torch.empty(0, device=w.device)
     if not double_quant:
         return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
     offset = absmax.mean()
@@ -147,16 +161,21 @@ def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None) -> torch.Ten
     """The weight as `dtype` (default: the original's): NF4[q] * absmax in fp32, rounded once.
 
     One gather of both levels of each byte from a 256-entry table, then each block scaled in
-    place by its absmax (no unpacked indices, no repeated absmax): 3 passes over the weight, about
-    6 bytes of scratch per element beside the result; the same products as nf4_indices would give."""
+    place by its absmax (no unpacked indices, no repeated absmax), a chunk at a time into the
+    result: the fp32 scratch is one chunk's, not the weight's (a 7B model's MLP weight would need
+    0.4 GB of it beside its 136 MB bf16 result, at every matmul of the step)."""
     n, bs = qw.shape.numel(), qw.blocksize
-    values = byte_levels(qw.device).index_select(0, qw.packed.view(-1).int()).view(-1)[:n]
-    absmax = block_absmax(qw)
-    full = n - n % bs
-    values[:full].view(-1, bs).mul_(absmax[: full // bs, None])
-    if full < n:  # a short last block
-        values[full:].mul_(absmax[-1])
-    return values.view(qw.shape).to(dtype or qw.dtype)
+    out = torch.empty(n, dtype=dtype or qw.dtype, device=qw.device)
+    levels, absmax, packed = byte_levels(qw.device), block_absmax(qw), qw.packed.view(-1)
+    for start in range(0, n, CHUNK):  # CHUNK is a multiple of every blocksize, and even
+        stop = min(start + CHUNK, n)
+        values = levels.index_select(0, packed[start // 2:(stop + 1) // 2].int()).view(-1)[:stop - start]
+        full = (stop - start) - (stop - start) % bs
+        values[:full].view(-1, bs).mul_(absmax[start // bs:(start + full) // bs, None])
+        if full < stop - start:  # a short last block
+            values[full:].mul_(absmax[-1])
+        out[start:stop] = values
+    return out.view(qw.shape)
 
 
 # --- the safetensors layout -------------------------------------------------------------------

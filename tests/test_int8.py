@@ -51,6 +51,21 @@ def test_dequantize_is_int8_times_scb_over_127(dtype):
     assert ((ours - w.to(torch.float16).float()).abs() <= qw.scb[:, None] / 254 * (1 + 1e-5)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_row_blocks_give_the_same_codes(dtype, monkeypatch):
+    """Weights are (de)quantised a block of rows at a time: with blocks of 3 rows (the last short)
+    the codes, SCB and weight equal bitsandbytes' and the formula."""
+    import lowrank.kernels.int8 as int8
+
+    w = weight((37, 50), dtype, seed=4)
+    monkeypatch.setattr(int8, "CHUNK", 150)
+    qw = quantize_int8(w)
+    codes, scb = bnb_int8(w)
+    assert torch.equal(qw.weight, codes) and torch.equal(qw.scb, scb)
+    assert torch.equal(dequantize_int8(qw, torch.float32), F.int8_vectorwise_dequant(qw.weight, qw.scb))
+    assert torch.equal(dequantize_int8(qw), F.int8_vectorwise_dequant(qw.weight, qw.scb).to(dtype))
+
+
 def test_zero_row():
     w = weight((4, 33), torch.float32)
     w[2] = 0.0

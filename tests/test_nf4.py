@@ -110,6 +110,29 @@ def test_dequantize_bitsandbytes_state(shape, dtype, double_quant):
         assert torch.equal(ours, F.dequantize_4bit(packed, state, quant_type="nf4"))
 
 
+@pytest.mark.parametrize("shape", [(37, 200), (3, 7), (70, 100)], ids=str)
+def test_chunks_give_the_same_bytes(shape, monkeypatch):
+    """Weights are (de)quantised CHUNK elements at a time; with a chunk of two blocks every chunk
+    boundary, the short last block and the odd element count fall inside these small weights."""
+    import lowrank.kernels.nf4 as nf4
+
+    w = weight(shape, torch.bfloat16, seed=3)
+    monkeypatch.setattr(nf4, "CHUNK", 128)
+    for double_quant in (False, True):
+        ours = quantize_nf4(w, double_quant=double_quant)
+        packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        assert torch.equal(ours.packed, packed)
+        if not double_quant:
+            assert torch.equal(ours.absmax, state.absmax)
+        else:
+            codes, nested, offset = bnb_reference_nested(w)
+            assert torch.equal(ours.absmax, codes) and torch.equal(ours.nested_absmax, nested)
+        absmax = block_absmax(ours)
+        formula = nf4_code()[nf4_indices(ours)] * absmax.repeat_interleave(64)[: w.numel()]
+        for dtype in (torch.float32, torch.bfloat16):
+            assert torch.equal(dequantize_nf4(ours, dtype), formula.view(shape).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_dequantize_own_weight_is_close(dtype):
     """The round trip: each value within half a level gap of the original (the widest gap is 0.30
