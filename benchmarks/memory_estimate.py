@@ -26,7 +26,7 @@ have no CUDA):
   at a time; its base matmuls take the torch path, which dequantises the weight to bf16 for each
   matmul, forward and backward. On a GPU the Triton path dequantises inside the GEMM tiles and
   holds no such weight, so this is an upper bound by about one layer's largest projection and its
-  scratch (dequantize_nf4: ~8 bytes per element at most, 0.5 GiB for Qwen2.5-7B's MLP).
+  scratch (dequantize_nf4 works a 4M-element chunk at a time: 16 MB of fp32).
 
 Writes benchmarks/results/memory_estimate.json.
 """
@@ -72,7 +72,7 @@ def main():
     for w in WORKLOADS["cuda"]:
         if args.only and w["name"] != args.only:
             continue
-        shape = {k: v for k, v in step_shape(w).items() if k in ("batch", "seq", "r", "checkpointing")}
+        shape = {k: v for k, v in step_shape(w).items() if k in ("batch", "seq", "r", "checkpointing", "mlp_tiles")}
         row = {"workload": w["name"], **shape, "variants": {}}
         for variant in [v for v in VARIANTS if v in w["variants"]]:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant,
@@ -84,8 +84,9 @@ def main():
             print(f"{w['name']:18s} {variant:8s} weights {r['weights_bytes'] / GIB:6.2f} GiB   "
                   f"peak {r['peak_bytes'] / GIB:6.2f} GiB", flush=True)
         v = row["variants"]
-        row["peak_ratio"] = v["lowrank"]["peak_bytes"] / v["peft"]["peak_bytes"]
-        print(f"{w['name']:18s} lowrank / transformers+peft peak: {row['peak_ratio']:.2f}x")
+        if "peft" in v:
+            row["peak_ratio"] = v["lowrank"]["peak_bytes"] / v["peft"]["peak_bytes"]
+            print(f"{w['name']:18s} lowrank / transformers+peft peak: {row['peak_ratio']:.2f}x")
         if "lowrank-nf4" in v:
             row["nf4_peak_ratio"] = v["lowrank-nf4"]["peak_bytes"] / v["lowrank"]["peak_bytes"]
             print(f"{w['name']:18s} lowrank-nf4 / lowrank peak: {row['nf4_peak_ratio']:.2f}x")
@@ -219,6 +220,7 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
 def _lowrank(config: dict, shape: dict, quantize: bool = False):
     from lowrank.adapters.lora import LoraConfig, apply_lora
     from lowrank.models import build_model, config_from_dict
+    from lowrank.models.decoder import MLP
     from lowrank.train.loop import causal_lm_loss
 
     torch.set_default_dtype(torch.bfloat16)  # frozen weights in bf16, as lowrank.train does under bf16
@@ -234,6 +236,9 @@ def _lowrank(config: dict, shape: dict, quantize: bool = False):
         if p.requires_grad:
             p.data = p.data.float()
     model.model.gradient_checkpointing = shape["checkpointing"]
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.tiles = shape.get("mlp_tiles", 1)
     model.train()
 
     def step(ids):

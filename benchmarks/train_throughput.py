@@ -70,6 +70,9 @@ WORKLOADS = {
         # Issue 7's target: lowrank fits this in <= 26 GB.
         dict(name="qwen2.5-7b-r16-gc", batch=8, seq=2048, masked=0.0, warmup=1, steps=3, config=QWEN25_7B,
              r=16, checkpointing=True, dtype="bfloat16", variants=("lowrank", "lowrank-nf4", "peft")),
+        # The same with each MLP over 4 slices of the tokens (--mlp-tiles 4): issue 18's <= 12 GB.
+        dict(name="qwen2.5-7b-r16-gc-tiled", batch=8, seq=2048, masked=0.0, warmup=1, steps=3, config=QWEN25_7B,
+             r=16, checkpointing=True, mlp_tiles=4, dtype="bfloat16", variants=("lowrank", "lowrank-nf4")),
     ],
 }
 # lowrank-nf4: lowrank's loop with the base quantised to NF4 as it loads (QLoRA).
@@ -153,7 +156,8 @@ def write_streamed(folder: Path, hf: dict):
 def step_shape(w: dict) -> dict:
     """What a worker needs of workload `w`: batch, steps and LoRA set-up, the defaults filled in."""
     return {"batch": w["batch"], "seq": w["seq"], "warmup": w["warmup"], "steps": w["steps"],
-            "r": w.get("r", 8), "checkpointing": w.get("checkpointing", False), "compute": w.get("compute", "auto")}
+            "r": w.get("r", 8), "checkpointing": w.get("checkpointing", False), "compute": w.get("compute", "auto"),
+            "mlp_tiles": w.get("mlp_tiles", 1)}
 
 
 def run_variant(variant: str, model: Path, data: Path, w: dict, device: str, cwd: str, threads: int | None) -> dict:
@@ -278,6 +282,7 @@ def worker(variant: str, model: str, data: str, shape: dict, device: str) -> dic
                           max_len=shape["seq"], shuffle=False, lr=1e-4, lr_scheduler="constant",
                           max_steps=warmup + steps, max_grad_norm=1.0, device=device,
                           dtype=shape.get("compute", "auto"), gradient_checkpointing=shape["checkpointing"],
+                          mlp_tiles=shape.get("mlp_tiles", 1),
                           quantize="nf4" if variant == "lowrank-nf4" else "none",
                           loss="plain" if variant == "lowrank-plain" else "fused", progress=False)
         run = build_run(cfg)

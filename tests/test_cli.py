@@ -28,6 +28,7 @@ BAD = {
     "r = 0": (["--r", "0"], r"r=0: expected an integer >= 1"),
     "unknown method": (["--method", "adapters"], r"--method: invalid choice: 'adapters'"),
     "grad-accum 0": (["--grad-accum", "0"], r"grad_accum=0: expected an integer >= 1"),
+    "mlp-tiles 0": (["--mlp-tiles", "0"], r"mlp_tiles=0: expected an integer >= 1"),
     "lr not a number": (["--lr", "fast"], r"--lr/--learning-rate: invalid float value: 'fast'"),
     "unknown config key": (["--config", "{root}/typo.toml"], r"typo.toml: unknown key 'learning_rat'"),
     "bad replace": (["--replace", "name"], r"--replace 'name': expected KEY=VALUE"),

@@ -66,10 +66,17 @@ def reference_step(folder, examples, cfg, token_weighted=True):
     return loss.item(), grads, {name: p.detach() for name, p in params.items()}
 
 
-@pytest.mark.parametrize("loss", ["fused", "plain"])
-def test_step_matches_transformers_with_token_weighted_accumulation(setup, loss):
-    cfg = config(setup, loss=loss)
+@pytest.mark.parametrize("loss,tiles", [("fused", 1), ("plain", 1), ("fused", 3)],
+                         ids=["fused", "plain", "fused-mlp-tiles-3"])
+def test_step_matches_transformers_with_token_weighted_accumulation(setup, loss, tiles, monkeypatch):
+    # mlp_tiles=3 (with checkpointing, where it is meant to serve): every MLP runs over three
+    # slices of the tokens and again over each in the backward; the step must not change.
+    cfg = config(setup, loss=loss, mlp_tiles=tiles, gradient_checkpointing=tiles > 1)
     run = build_run(cfg)
+    slices = []
+    mlp = type(run.model.model.layers[0].mlp)
+    inner = mlp._mlp
+    monkeypatch.setattr(mlp, "_mlp", lambda self, x: slices.append(x.shape[:-1].numel()) or inner(self, x))
     batches = epoch_batches(run, 0)
     micro = step_share(run, batches, 0)
     assert len(micro) == 3
@@ -78,6 +85,11 @@ def test_step_matches_transformers_with_token_weighted_accumulation(setup, loss)
     assert len(set(counts)) > 1, "micro-batches must differ in trained tokens for the test to mean anything"
 
     row = train_step(run, micro, 0)
+    layers, rows = len(run.model.model.layers), [b["input_ids"].numel() for b in micro]
+    if tiles == 1:
+        assert sorted(slices) == sorted(rows * layers)
+    else:  # slices of a third, run in the forward and again in the backward
+        assert max(slices) <= -(-max(rows) // tiles) and len(slices) > len(micro) * layers * tiles
     ref_loss, ref_grads, ref_params = reference_step(cfg.model, examples, cfg)
     _, wrong_grads, _ = reference_step(cfg.model, examples, cfg, token_weighted=False)
 

@@ -106,11 +106,27 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.gate_up_fn = None
+        self.tiles = 1  # > 1: in training, the tokens in this many slices, each recomputed in the backward
 
     def forward(self, x):
+        if self.tiles > 1 and self.training and torch.is_grad_enabled() and x.shape[:-1].numel() > 1:
+            return self._tiled(x)
+        return self._mlp(x)
+
+    def _mlp(self, x):
         projections = (self.gate_proj, self.up_proj)
         gate, up = self.gate_up_fn(projections, x) if self.gate_up_fn else (p(x) for p in projections)
         return self.down_proj(F.silu(gate) * up)
+
+    def _tiled(self, x):
+        """The MLP over slices of the tokens, each slice checkpointed (Arctic's TiledMLP): the
+        [tokens, intermediate] activations of one slice live at a time instead of all of them,
+        which is most of a layer's backward peak at long sequences. The same values; each slice's
+        projections run again in the backward, one more MLP forward per layer and step."""
+        rows = x.reshape(-1, x.shape[-1])
+        slices = rows.tensor_split(min(self.tiles, rows.shape[0]))
+        parts = [checkpoint(self._mlp, part, use_reentrant=False) for part in slices]
+        return torch.cat(parts).view(*x.shape[:-1], -1)
 
 
 class DecoderLayer(nn.Module):

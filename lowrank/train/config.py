@@ -141,6 +141,8 @@ class TrainConfig:
     device: str = _f("auto", "auto, cpu or cuda (under torchrun: one GPU per process)", "runtime",
                      choices=("auto", "cpu", "cuda"))
     gradient_checkpointing: bool = _f(False, "recompute each layer's activations in backward (less memory)", "runtime")
+    mlp_tiles: int = _f(1, "run each MLP over N slices of the tokens, each recomputed in backward: the MLP "
+                        "activations of one slice live at a time (less memory at long sequences)", "runtime")
     loss: str = _f("fused", "fused: LM head + cross-entropy without the logits; plain: full logits", "runtime",
                    choices=LOSSES)
     save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)", "runtime",
@@ -189,7 +191,7 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
             bad(name, f"one of {', '.join(f.metadata['choices'])}")
     if cfg.train_on not in ("all_turns", "last_turn"):
         bad("train_on", "all_turns or last_turn")
-    positive = ("r", "num_virtual_tokens", "max_len", "batch_size", "grad_accum")
+    positive = ("r", "num_virtual_tokens", "max_len", "batch_size", "grad_accum", "mlp_tiles")
     for name in positive:
         if getattr(cfg, name) < 1:
             bad(name, "an integer >= 1")
