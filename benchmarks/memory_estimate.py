@@ -220,7 +220,7 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
 def _lowrank(config: dict, shape: dict, quantize: bool = False):
     from lowrank.adapters.lora import LoraConfig, apply_lora
     from lowrank.models import build_model, config_from_dict
-    from lowrank.models.decoder import MLP
+    from lowrank.models.decoder import set_mlp_tiles
     from lowrank.train.loop import causal_lm_loss
 
     torch.set_default_dtype(torch.bfloat16)  # frozen weights in bf16, as lowrank.train does under bf16
@@ -236,9 +236,7 @@ def _lowrank(config: dict, shape: dict, quantize: bool = False):
         if p.requires_grad:
             p.data = p.data.float()
     model.model.gradient_checkpointing = shape["checkpointing"]
-    for module in model.modules():
-        if isinstance(module, MLP):
-            module.tiles = shape.get("mlp_tiles", 1)
+    set_mlp_tiles(model, shape.get("mlp_tiles", 1))
     model.train()
 
     def step(ids):

@@ -129,6 +129,13 @@ class MLP(nn.Module):
         return torch.cat(parts).view(*x.shape[:-1], -1)
 
 
+def set_mlp_tiles(model: nn.Module, tiles: int) -> None:
+    """`MLP.tiles` of every MLP of `model` (dense layers and experts, of every family)."""
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.tiles = tiles
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()

@@ -143,6 +143,17 @@ def quantizable(model: nn.Module) -> set[str]:
             and p.rsplit(".", 1)[-1] not in NOT_QUANTIZED}
 
 
+def quantize_model(model: nn.Module, fmt: str) -> nn.Module:
+    """Put a QuantizedLinear holding its weight as `fmt` in place of every full-precision layer of
+    `quantizable(model)` (those already quantised stay as they are); returns `model`."""
+    with torch.no_grad():
+        for path in sorted(quantizable(model)):
+            lin = model.get_submodule(path)
+            bias = None if lin.bias is None else lin.bias.detach()
+            _set_module(model, path, QuantizedLinear(quantize_weight(lin.weight.detach(), fmt), bias))
+    return model
+
+
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Put a plain full-precision nn.Linear, holding the dequantised weight, in place of every
     quantised layer; returns `model`."""

@@ -35,7 +35,7 @@ from ..files import missing_folder_message, read_json_object, write_atomic
 from ..models.checkpoint import load_model, save_model
 from ..models.config import DTYPES
 from ..models.families import read_config
-from ..models.quantized import FORMATS, QuantizedLinear, quantizable, quantize_weight, quantized_modules
+from ..models.quantized import FORMATS, quantize_model, quantized_modules
 from .loop import TOKENIZER_FILES
 
 
@@ -107,12 +107,7 @@ def _quantize(model, fmt: str, model_dir: Path):
     if stored:
         raise ConfigError(f"{model_dir}: its projections are stored as {stored.pop()}; quantize={fmt!r} would "
                           "quantise them twice: export from the full-precision model, or in the stored format")
-    with torch.no_grad():
-        for path in sorted(quantizable(model)):
-            lin = model.get_submodule(path)
-            parent, _, name = path.rpartition(".")
-            bias = None if lin.bias is None else lin.bias.detach()
-            setattr(model.get_submodule(parent), name, QuantizedLinear(quantize_weight(lin.weight.detach(), fmt), bias))
+    quantize_model(model, fmt)
 
 
 def _dtype(dtype):

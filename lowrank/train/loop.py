@@ -43,7 +43,7 @@ from . import distributed as dist
 from ..data.batching import Batches, IndexGroups, batch_sequence
 from ..data.examples import example_lengths
 from ..models.checkpoint import load_model, save_model
-from ..models.decoder import MLP
+from ..models.decoder import set_mlp_tiles
 from ..errors import ConfigError, LowrankError
 from ..files import write_atomic
 from ..kernels import linear_cross_entropy
@@ -131,9 +131,7 @@ def build_run(config: TrainConfig, info: dist.DistInfo | None = None) -> Run:
     for p in trainable:
         p.data = p.data.float()
     model.model.gradient_checkpointing = cfg.gradient_checkpointing
-    for module in model.modules():  # the dense MLPs (and experts) of every family
-        if isinstance(module, MLP):
-            module.tiles = cfg.mlp_tiles
+    set_mlp_tiles(model, cfg.mlp_tiles)
     if cfg.aux_loss_coef > 0:
         if not hasattr(model.config, "aux_loss_coef"):
             raise ConfigError(f"aux_loss_coef={cfg.aux_loss_coef}: {model.config.model_type} has no router "
