@@ -62,11 +62,13 @@ def _row_blocks(w: torch.Tensor):
     return [slice(i, i + step) for i in range(0, w.shape[0], step)]
 
 
-def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """W8 * SCB / 127 as `dtype` (default: the original's), computed in fp32 and rounded once."""
-    out = torch.empty(qw.weight.shape, dtype=dtype or qw.dtype, device=qw.weight.device)
-    for rows in _row_blocks(qw.weight):  # the fp32 scratch is a block of rows', not the weight's
-        out[rows] = qw.weight[rows].float() * qw.scb[rows, None] * _INV_127
+def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+    """W8 * SCB / 127 (or its `rows`) as `dtype` (default: the original's), computed in fp32 and
+    rounded once."""
+    codes, scb = (qw.weight, qw.scb) if rows is None else (qw.weight[rows], qw.scb[rows])
+    out = torch.empty(codes.shape, dtype=dtype or qw.dtype, device=codes.device)
+    for block in _row_blocks(codes):  # the fp32 scratch is a block of rows', not the weight's
+        out[block] = codes[block].float() * scb[block, None] * _INV_127
     return out
 
 

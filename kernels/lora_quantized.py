@@ -8,55 +8,23 @@ are `lora.py`'s with W replaced by deq(W), and none for W:
 Nothing weight-sized outlives the forward: the dequantised weight is made for the matmul and
 dropped, and made again in the backward for dx (one more dequantisation per step, against
 N * K * 2 bytes of bf16 kept per layer). Two paths (`dispatch` chooses):
-  - torch: `DequantLinear` (an autograd Function whose saved state is the quantised weight only)
-    for the base term, the low-rank term as `lora_torch.lora_linear_torch` computes it;
+  - torch: `lora_torch.lora_linear_torch`, whose base term is `frozen_linear.FrozenLinear` (an
+    autograd Function whose saved state is the quantised weight only; in fp32 it dequantises a
+    block of rows at a time);
   - Triton, NF4 only (`lora_nf4.py`): the dequantisation fused into the tile loops of the LoRA
     GEMMs, so the base term reads 0.5 byte per weight. int8 weights take the torch path.
 """
 
-import torch
-import torch.nn.functional as F
-
 from .dispatch import kernel_choice, use_triton
-from .int8 import Int8Weight, dequantize_int8
-from .lora_torch import check_shapes as _check_shapes, lora_linear_reference
-from .nf4 import NF4Weight, dequantize_nf4
+from .frozen_linear import dequantize
+from .int8 import Int8Weight
+from .lora_torch import check_shapes as _check_shapes, lora_linear_reference, lora_linear_torch
+from .nf4 import NF4Weight
 
 QUANTIZED = (NF4Weight, Int8Weight)
 
-
-def dequantize(qweight, dtype: torch.dtype) -> torch.Tensor:
-    """The [N, K] weight in `dtype`, whichever format it is stored in."""
-    if isinstance(qweight, NF4Weight):
-        return dequantize_nf4(qweight, dtype)
-    if isinstance(qweight, Int8Weight):
-        return dequantize_int8(qweight, dtype)
-    raise TypeError(f"expected an NF4Weight or Int8Weight, got {type(qweight).__name__}")
-
-
-class DequantLinear(torch.autograd.Function):
-    """x @ deq(W).T + bias with deq(W) made in the forward and again in the backward, never saved."""
-
-    @staticmethod
-    def forward(ctx, x, qweight, bias):
-        ctx.qweight = qweight  # the quantised tensors, held by the module anyway: nothing new is kept
-        ctx.has_bias = bias is not None
-        return F.linear(x, dequantize(qweight, x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        dx = dy @ dequantize(ctx.qweight, dy.dtype) if ctx.needs_input_grad[0] else None
-        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, None, dbias
-
-
-def lora_linear_quantized_torch(x, qweight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
-    """The torch path: `lora_linear_torch` with its base matmul through `DequantLinear`."""
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    xa = F.linear(h, lora_a) * scale
-    base = DequantLinear.apply(x, qweight, bias)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t())
-    return out.view(base.shape)
+# The torch path: `lora_linear_torch`, whose base matmul (`frozen_linear`) dequantises W.
+lora_linear_quantized_torch = lora_linear_torch
 
 
 def lora_linear_quantized_reference(x, qweight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):

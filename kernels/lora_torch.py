@@ -5,6 +5,8 @@ quantised path (lora_quantized.py), which `lora.py` dispatches to, can use them 
 import torch
 import torch.nn.functional as F
 
+from .frozen_linear import compute_dtype, frozen_linear
+
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
     """The plain torch computation, as PEFT does it: base matmul, dropout, x@A, @B, scale-and-add."""
@@ -16,12 +18,19 @@ def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0,
 def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
     """The reference with two full-width passes fewer, for devices without the Triton path:
     the scale goes on the r-wide product instead of the N-wide output, and the low-rank
-    product is added by the same addmm that computes it. Equal to the reference up to rounding."""
-    h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
-    xa = F.linear(h, lora_a) * scale
-    base = F.linear(x, weight, bias)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t())
-    return out.view(base.shape)
+    product is added by the same addmm that computes it. Equal to the reference up to rounding.
+
+    `weight` may be quantised (nf4.NF4Weight, int8.Int8Weight): `frozen_linear` dequantises it
+    for its matmul. On a CPU without bf16 / fp16 units a half-precision call is computed in fp32
+    and rounded once at the end (`frozen_linear.compute_dtype`: those GEMMs run there 5-500x
+    slower than fp32 ones)."""
+    dtype = compute_dtype(x)
+    xc = x.to(dtype)
+    h = F.dropout(xc, dropout_p, training) if dropout_p > 0.0 else xc
+    xa = F.linear(h, lora_a.to(dtype)) * scale
+    base = frozen_linear(xc, weight, bias, dtype)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.to(dtype).t())
+    return out.view(base.shape).to(x.dtype)
 
 
 def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):

@@ -136,13 +136,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return NF4Weight(packed, codes.to(torch.uint8), w.shape, w.dtype, blocksize, nested, offset.item())
 
 
-def block_absmax(qw: NF4Weight) -> torch.Tensor:
-    """The fp32 absmax of every block, undoing the double quantisation if there is one."""
+def block_absmax(qw: NF4Weight, blocks: slice | None = None) -> torch.Tensor:
+    """The fp32 absmax of every block (or of `blocks`), undoing the double quantisation if there is one."""
+    lo, hi, _ = (blocks or slice(None)).indices(qw.absmax.numel())
     if not qw.double_quant:
-        return qw.absmax.float()
-    nested = qw.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: qw.absmax.numel()]
+        return qw.absmax[lo:hi].float()
+    nested = qw.nested_absmax[lo // NESTED_BLOCKSIZE:(hi - 1) // NESTED_BLOCKSIZE + 1]
+    nested = nested.repeat_interleave(NESTED_BLOCKSIZE)[lo % NESTED_BLOCKSIZE:][:hi - lo]
     offset = torch.tensor(qw.nested_offset, dtype=torch.float32, device=qw.device)
-    return dynamic_code(qw.device)[qw.absmax.long()] * nested + offset
+    return dynamic_code(qw.device)[qw.absmax[lo:hi].long()] * nested + offset
 
 
 def nf4_indices(qw: NF4Weight) -> torch.Tensor:
@@ -157,25 +159,35 @@ def byte_levels(device=None) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
-def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight as `dtype` (default: the original's): NF4[q] * absmax in fp32, rounded once.
+def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+    """The weight (or its `rows`, of a 2-d weight) as `dtype` (default: the original's):
+    NF4[q] * absmax in fp32, rounded once. The rows must start on a block (`frozen_linear.row_blocks`
+    cuts them so).
 
     One gather of both levels of each byte from a 256-entry table, then each block scaled in
     place by its absmax (no unpacked indices, no repeated absmax), a chunk at a time into the
     result: the fp32 scratch is one chunk's, not the weight's (a 7B model's MLP weight would need
     0.4 GB of it beside its 136 MB bf16 result, at every matmul of the step)."""
     n, bs = qw.shape.numel(), qw.blocksize
-    out = torch.empty(n, dtype=dtype or qw.dtype, device=qw.device)
-    levels, absmax, packed = byte_levels(qw.device), block_absmax(qw), qw.packed.view(-1)
-    for start in range(0, n, CHUNK):  # CHUNK is a multiple of every blocksize, and even
-        stop = min(start + CHUNK, n)
+    lo, hi, shape = 0, n, qw.shape
+    if rows is not None:
+        first, last, _ = rows.indices(qw.shape[0])
+        k = n // qw.shape[0]
+        lo, hi, shape = first * k, last * k, torch.Size((last - first, k))
+        if lo % bs:
+            raise ValueError(f"rows {first}:{last} start inside a block of {bs} values (row length {k})")
+    out = torch.empty(hi - lo, dtype=dtype or qw.dtype, device=qw.device)
+    levels, packed = byte_levels(qw.device), qw.packed.view(-1)
+    absmax = block_absmax(qw, slice(lo // bs, -(-hi // bs)))
+    for start in range(lo, hi, CHUNK):  # CHUNK is a multiple of every blocksize, and even
+        stop = min(start + CHUNK, hi)
         values = levels.index_select(0, packed[start // 2:(stop + 1) // 2].int()).view(-1)[:stop - start]
         full = (stop - start) - (stop - start) % bs
-        values[:full].view(-1, bs).mul_(absmax[start // bs:(start + full) // bs, None])
-        if full < stop - start:  # a short last block
+        values[:full].view(-1, bs).mul_(absmax[(start - lo) // bs:(start - lo + full) // bs, None])
+        if full < stop - start:  # a short last block (only the weight's last can be short)
             values[full:].mul_(absmax[-1])
-        out[start:stop] = values
-    return out.view(qw.shape)
+        out[start - lo:stop - lo] = values
+    return out.view(shape)
 
 
 # --- the safetensors layout -------------------------------------------------------------------

@@ -133,6 +133,23 @@ def test_chunks_give_the_same_bytes(shape, monkeypatch):
             assert torch.equal(dequantize_nf4(ours, dtype), formula.view(shape).to(dtype))
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double"])
+def test_dequantize_rows_equals_those_rows_of_bitsandbytes_weight(double_quant, monkeypatch):
+    """Rows of a weight (what frozen_linear dequantises at a time in fp32): 300 x 100 has 469
+    blocks, so the rows cross nested blocks of 256, chunks (of two blocks here), and end on the
+    short last block. Rows start on a block: every 16 rows of 100 values."""
+    import lowrank.kernels.nf4 as nf4
+
+    w = weight((300, 100), torch.bfloat16, seed=5)
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    tensors = {"p.weight": packed, **{"p.weight." + k: v for k, v in state.as_dict(packed=True).items()}}
+    qw = from_bnb_state_dict(tensors, "p.")
+    whole = F.dequantize_4bit(packed, state, quant_type="nf4").float()
+    monkeypatch.setattr(nf4, "CHUNK", 128)
+    for rows in (slice(0, 16), slice(16, 176), slice(160, 288), slice(288, 300), slice(0, 300)):
+        assert torch.equal(dequantize_nf4(qw, torch.float32, rows), whole[rows])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_dequantize_own_weight_is_close(dtype):
     """The round trip: each value within half a level gap of the original (the widest gap is 0.30

@@ -4,8 +4,8 @@
 `model.layers.3.self_attn.q_proj` is that module whether quantised or not: LoRA targets, PEFT
 keys and everything else are unchanged. It holds the weight as `kernels.nf4.NF4Weight` or
 `kernels.int8.Int8Weight` (`.qweight`) and an ordinary bias; its forward is
-`kernels.lora_quantized.DequantLinear` (x @ deq(W).T + bias, the dequantised weight made for
-the matmul and dropped, made again in the backward). `.dequantize()` gives the weight in full
+`kernels.frozen_linear.frozen_linear` (x @ deq(W).T + bias, the dequantised weight made for
+the matmul and dropped, made again in the backward; in fp32 on a CPU without bf16 units). `.dequantize()` gives the weight in full
 precision (merging, tests). Its state_dict is exactly what transformers + bitsandbytes save for
 a `Linear4bit` / `Linear8bitLt` (`weight`, `weight.absmax`, ..., or `weight`, `SCB`, `weight_format`).
 
@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..kernels import int8, nf4
-from ..kernels.lora_quantized import DequantLinear, dequantize
+from ..kernels.frozen_linear import dequantize, frozen_linear
 
 FORMATS = ("nf4", "int8")
 # The keys transformers + bitsandbytes write beside a quantised `<module>.weight`.
@@ -66,7 +66,7 @@ class QuantizedLinear(nn.Module):
         return int8.Int8Weight(self.codes, self.scb, self.dtype)
 
     def forward(self, x):
-        return DequantLinear.apply(x, self.qweight, self.bias)
+        return frozen_linear(x, self.qweight, self.bias).to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in full precision (default: the dtype it was quantised from)."""

@@ -1,0 +1,118 @@
+"""The frozen base matmul of the torch paths: y = x @ W.T + bias, W dense or quantised, no dW.
+
+Two things decide how it is computed:
+  - **The compute dtype.** A CPU without bf16 / fp16 matrix units (AVX2, or AVX-512 without
+    AVX512_BF16 / AMX) runs torch's half-precision GEMMs far slower than fp32 ones: on a 2-core
+    AVX2 EPYC, 512 x 3584 x 4736 takes 0.3 s in fp32, 1.5 s in bf16 as x @ W.T and 143 s as the
+    backward's dy @ W (0.1 GFLOP/s: the layout bf16 has no fast kernel for). There the matmul is
+    done in fp32 and the result rounded to x's dtype once; the model's memory stays half
+    precision, and the answer is the bf16 one computed more exactly. Everywhere else (GPUs, CPUs
+    with those units, fp32 models) the dtype is x's, and a dense W goes through plain `F.linear`.
+  - **What is made of W.** A quantised W (`nf4.NF4Weight`, `int8.Int8Weight`) is dequantised for
+    the matmul and dropped, and dequantised again in the backward for dx: nothing weight-sized is
+    saved. In fp32 the weight is made a block of rows (about `CHUNK` elements) at a time, so the
+    scratch is a block's, not the weight's (a 7B MLP weight would be 271 MB of fp32 at each
+    matmul); dx then sums the blocks' products in fp32. A dense half-precision W computed in
+    fp32 is handled the same way: upcast a block of rows at a time, never saved upcast.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .int8 import Int8Weight, dequantize_int8
+from .nf4 import NF4Weight, dequantize_nf4
+
+CHUNK = 1 << 22  # elements of W made (dequantised or upcast) at a time in the blocked form
+
+
+def half_gemm_is_slow(x: torch.Tensor) -> bool:
+    """Whether x's half-precision matmuls should be done in fp32 (a CPU without bf16 / fp16 units)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    cpu = torch.cpu
+    if x.dtype == torch.bfloat16:
+        return not (_has(cpu, "_is_avx512_bf16_supported") or _has(cpu, "_is_amx_tile_supported"))
+    return not _has(cpu, "_is_amx_fp16_supported")
+
+
+def _has(cpu, probe: str) -> bool:
+    fn = getattr(cpu, probe, None)  # private probes: a torch without one counts as "no"
+    return bool(fn()) if fn is not None else False
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if half_gemm_is_slow(x) else x.dtype
+
+
+def dequantize(qweight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """The [N, K] weight (or its `rows`) in `dtype`, whichever format it is stored in."""
+    if isinstance(qweight, NF4Weight):
+        return dequantize_nf4(qweight, dtype, rows)
+    if isinstance(qweight, Int8Weight):
+        return dequantize_int8(qweight, dtype, rows)
+    raise TypeError(f"expected an NF4Weight or Int8Weight, got {type(qweight).__name__}")
+
+
+def weight_rows(weight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
+    """W[rows] in `dtype`: a dense weight sliced and cast, a quantised one dequantised."""
+    if isinstance(weight, torch.Tensor):
+        w = weight if rows is None else weight[rows]
+        return w.to(dtype)
+    return dequantize(weight, dtype, rows)
+
+
+def row_blocks(weight) -> list[slice]:
+    """Blocks of about CHUNK elements of W's rows; an NF4 block starts on a 64-value block."""
+    n, k = (int(d) for d in weight.shape)
+    align = weight.blocksize // math.gcd(k, weight.blocksize) if isinstance(weight, NF4Weight) else 1
+    step = max(align, CHUNK // max(1, k) // align * align)
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class FrozenLinear(torch.autograd.Function):
+    """x @ W.T + bias in `dtype`, W made in the forward and again in the backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype  # W is held by its module anyway
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        x = x.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        blocks = row_blocks(weight) if dtype == torch.float32 else [slice(None)]
+        if len(blocks) == 1:
+            return F.linear(x, weight_rows(weight, dtype), b)
+        y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        for rows in blocks:
+            y[..., rows] = F.linear(x, weight_rows(weight, dtype, rows), None if b is None else b[rows])
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            w, dtype = ctx.weight, ctx.dtype
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
+            blocks = row_blocks(w) if dtype == torch.float32 else [slice(None)]
+            if len(blocks) == 1:
+                dx = dy2 @ weight_rows(w, dtype)
+            else:
+                dx = dy2.new_zeros(dy2.shape[0], w.shape[1])
+                for rows in blocks:
+                    dx.addmm_(dy2[:, rows], weight_rows(w, dtype, rows))
+            dx = dx.view(*dy.shape[:-1], -1).to(ctx.x_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return dx, None, dbias, None
+
+
+def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
+    """x @ W.T + bias in `dtype` (default `compute_dtype(x)`), returned in that dtype. A dense W
+    already in that dtype goes through `F.linear` (autograd keeps a reference to W, not a copy),
+    as does one that requires grad (its dW is autograd's)."""
+    dtype = dtype or compute_dtype(x)
+    if isinstance(weight, torch.Tensor) and (weight.dtype == dtype or weight.requires_grad):
+        # W in the compute dtype, or a W that wants its gradient: autograd's own linear
+        return F.linear(x.to(dtype), weight.to(dtype), bias if bias is None else bias.to(dtype))
+    return FrozenLinear.apply(x, weight, bias, dtype)
