@@ -16,9 +16,10 @@ have no CUDA):
   memory (the output and a [B, heads, T] fp32 log-sum-exp are kept; no [T, T] matrix), for both
   libraries alike, as on an H100 with no padding. transformers builds a [B, 1, T, T] bool causal
   mask for fake tensors (it treats them as tracing), which it would not on a GPU: 32 MiB at 8 x 2048;
-- lowrank's LoRA runs its torch path (the Triton path keeps the same input and a smaller r-wide
-  product for the backward), and the fused loss takes its CUDA branch (fp32-output GEMMs on the
-  bf16 head, so no fp32 copy of the head);
+- lowrank's LoRA runs its torch path in bf16, as on a GPU (not in fp32, as on a CPU without bf16
+  units: `frozen_linear.half_gemm_is_slow` says no; the Triton path keeps the same input and a
+  smaller r-wide product for the backward), and the fused loss takes its CUDA branch (fp32-output
+  GEMMs on the bf16 head, so no fp32 copy of the head);
 - every label is trained (the workloads' masked share is 0), and Adam's step counts are 1;
 - lowrank-nf4 (QLoRA) is built as load_model(quantize="nf4") builds it: the model on the meta
   device, each decoder projection made in bf16 and quantised at once (packed 4-bit codes, uint8
@@ -194,6 +195,9 @@ def estimate(variant: str, config: dict, shape: dict, fake: bool = True, pretend
         if variant.startswith("lowrank") and pretend_cuda:
             stand_ins.enter_context(mock.patch("lowrank.kernels.linear_cross_entropy._fp32_out_gemm",
                                                lambda t: True))
+            # and a GPU's bf16 GEMMs: no fp32 upcast of the frozen matmuls, as on a CPU without bf16 units
+            stand_ins.enter_context(mock.patch("lowrank.kernels.frozen_linear.half_gemm_is_slow",
+                                               lambda t: False))
         if variant == "peft":
             _peft_stand_ins(stand_ins)
         stand_ins.enter_context(FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext())

@@ -16,6 +16,7 @@ Two things decide how it is computed:
     fp32 is handled the same way: upcast a block of rows at a time, never saved upcast.
 """
 
+import contextlib
 import math
 
 import torch
@@ -27,12 +28,21 @@ from .nf4 import NF4Weight, dequantize_nf4
 CHUNK = 1 << 22  # elements of W made (dequantised or upcast) at a time in the blocked form
 
 
+def intended_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls would run in: autocast's where it is on for x's device, else x's."""
+    device = x.device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and x.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
 def half_gemm_is_slow(x: torch.Tensor) -> bool:
     """Whether x's half-precision matmuls should be done in fp32 (a CPU without bf16 / fp16 units)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16):
+    dtype = intended_dtype(x)
+    if x.device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return False
     cpu = torch.cpu
-    if x.dtype == torch.bfloat16:
+    if dtype == torch.bfloat16:
         return not (_has(cpu, "_is_avx512_bf16_supported") or _has(cpu, "_is_amx_tile_supported"))
     return not _has(cpu, "_is_amx_fp16_supported")
 
@@ -43,7 +53,14 @@ def _has(cpu, probe: str) -> bool:
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 where `half_gemm_is_slow`, else x's own (autocast, if on, then casts as usual)."""
     return torch.float32 if half_gemm_is_slow(x) else x.dtype
+
+
+def no_autocast(x: torch.Tensor):
+    """Autocast off while a half-precision call is computed in fp32 (a training step runs under
+    bf16 autocast, which would cast the fp32 matmuls straight back to bf16); a no-op otherwise."""
+    return torch.autocast(x.device.type, enabled=False) if half_gemm_is_slow(x) else contextlib.nullcontext()
 
 
 def dequantize(qweight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
@@ -108,11 +125,13 @@ class FrozenLinear(torch.autograd.Function):
 
 
 def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None = None):
-    """x @ W.T + bias in `dtype` (default `compute_dtype(x)`), returned in that dtype. A dense W
+    """x @ W.T + bias in `dtype` (default `compute_dtype(x)`), returned in that dtype (the caller
+    rounds it to `intended_dtype(x)`). A dense W
     already in that dtype goes through `F.linear` (autograd keeps a reference to W, not a copy),
     as does one that requires grad (its dW is autograd's)."""
     dtype = dtype or compute_dtype(x)
-    if isinstance(weight, torch.Tensor) and (weight.dtype == dtype or weight.requires_grad):
-        # W in the compute dtype, or a W that wants its gradient: autograd's own linear
-        return F.linear(x.to(dtype), weight.to(dtype), bias if bias is None else bias.to(dtype))
-    return FrozenLinear.apply(x, weight, bias, dtype)
+    with no_autocast(x):
+        if isinstance(weight, torch.Tensor) and (weight.dtype == dtype or weight.requires_grad):
+            # W in the compute dtype, or a W that wants its gradient: autograd's own linear
+            return F.linear(x.to(dtype), weight.to(dtype), bias if bias is None else bias.to(dtype))
+        return FrozenLinear.apply(x, weight, bias, dtype)

@@ -5,7 +5,7 @@ quantised path (lora_quantized.py), which `lora.py` dispatches to, can use them 
 import torch
 import torch.nn.functional as F
 
-from .frozen_linear import compute_dtype, frozen_linear
+from .frozen_linear import compute_dtype, frozen_linear, intended_dtype, no_autocast
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
@@ -24,13 +24,14 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, tra
     for its matmul. On a CPU without bf16 / fp16 units a half-precision call is computed in fp32
     and rounded once at the end (`frozen_linear.compute_dtype`: those GEMMs run there 5-500x
     slower than fp32 ones)."""
-    dtype = compute_dtype(x)
-    xc = x.to(dtype)
-    h = F.dropout(xc, dropout_p, training) if dropout_p > 0.0 else xc
-    xa = F.linear(h, lora_a.to(dtype)) * scale
-    base = frozen_linear(xc, weight, bias, dtype)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.to(dtype).t())
-    return out.view(base.shape).to(x.dtype)
+    dtype, out_dtype = compute_dtype(x), intended_dtype(x)
+    with no_autocast(x):
+        xc = x.to(dtype)
+        h = F.dropout(xc, dropout_p, training) if dropout_p > 0.0 else xc
+        xa = F.linear(h, lora_a.to(dtype)) * scale
+        base = frozen_linear(xc, weight, bias, dtype)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.to(dtype).t())
+    return out.view(base.shape).to(out_dtype)
 
 
 def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):

@@ -92,15 +92,18 @@ def test_bf16_on_a_cpu_without_bf16_units_is_computed_in_fp32(fmt, monkeypatch):
         assert_rounded_once(o, r)
 
 
-def test_bf16_lora_on_a_cpu_without_bf16_units_rounds_once(monkeypatch):
-    """The whole torch LoRA linear: fp32 inside, bf16 out."""
+@pytest.mark.parametrize("autocast", ["none", "bf16-x", "fp32-x"])
+def test_bf16_lora_on_a_cpu_without_bf16_units_rounds_once(autocast, monkeypatch):
+    """The whole torch LoRA linear: fp32 inside, bf16 out; also under the training step's bf16
+    autocast (which must not cast the fp32 matmuls back), for bf16 and fp32 activations."""
     weight, dense, x, bias, dy = make(torch.bfloat16, "nf4-double", seed=3)
     g = torch.Generator().manual_seed(4)
     a = (torch.randn(R, K, generator=g) / K**0.5).to(torch.bfloat16)
     b = torch.randn(N, R, generator=g).to(torch.bfloat16)
-    monkeypatch.setattr(frozen_linear, "half_gemm_is_slow", lambda x: True)
-    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    y = lora_linear_torch(leaves[0], weight, bias, leaves[1], leaves[2], 1.5)
+    monkeypatch.setattr(frozen_linear, "_has", lambda cpu, probe: False)  # a CPU without bf16 units
+    leaves = [t.clone().requires_grad_() for t in (x.float() if autocast == "fp32-x" else x, a, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast != "none"):
+        y = lora_linear_torch(leaves[0], weight, bias, leaves[1], leaves[2], 1.5)
     assert y.dtype == torch.bfloat16
     y.backward(dy)
     ref = [t.double().requires_grad_() for t in (x, a, b)]
@@ -108,7 +111,7 @@ def test_bf16_lora_on_a_cpu_without_bf16_units_rounds_once(monkeypatch):
     y64.backward(dy.double())
     assert_rounded_once(y, y64)
     for o, r in zip(leaves, ref):
-        assert_rounded_once(o.grad, r.grad)
+        assert_rounded_once(o.grad.to(torch.bfloat16), r.grad)  # an fp32 x's dx is fp32: rounded here
 
 
 def test_bf16_elsewhere_is_computed_in_bf16(monkeypatch):

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..kernels import int8, nf4
-from ..kernels.frozen_linear import dequantize, frozen_linear
+from ..kernels.frozen_linear import dequantize, frozen_linear, intended_dtype
 
 FORMATS = ("nf4", "int8")
 # The keys transformers + bitsandbytes write beside a quantised `<module>.weight`.
@@ -66,7 +66,7 @@ class QuantizedLinear(nn.Module):
         return int8.Int8Weight(self.codes, self.scb, self.dtype)
 
     def forward(self, x):
-        return frozen_linear(x, self.qweight, self.bias).to(x.dtype)
+        return frozen_linear(x, self.qweight, self.bias).to(intended_dtype(x))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The [out, in] weight in full precision (default: the dtype it was quantised from)."""
