@@ -42,6 +42,9 @@ IGNORE_INDEX = -100
 
 # A chunk's fp32 logits take at most this many bytes (Qwen's vocabulary: 256 rows, 155 MB).
 _CHUNK_BYTES = 256 * 2**20
+# An upcast block of a half-precision head (CPUs) takes at most this many bytes: 4,681 rows of
+# Qwen2.5-7B's, still a wide GEMM, and a quarter of the scratch of a chunk-sized block.
+_HEAD_BLOCK_BYTES = 64 * 2**20
 # One program streams one row; chunks have few rows, so each program must be wide (Liger's sizes).
 _MAX_BLOCK_V = 32768
 
@@ -148,7 +151,7 @@ def _head_blocks(weight, compute, half_gemm):
     whole fp32 copy would be V * H * 4 bytes (2.2 GB for Qwen2.5-7B's head, on top of its bf16)."""
     if half_gemm or weight.dtype == compute:
         return [(0, weight)]
-    rows = max(1, _CHUNK_BYTES // (4 * weight.shape[1]))
+    rows = max(1, _HEAD_BLOCK_BYTES // (4 * weight.shape[1]))
     return ((v, weight[v : v + rows].to(compute)) for v in range(0, weight.shape[0], rows))
 
 
@@ -195,6 +198,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
             z = torch.empty(h_c.shape[0], V, **new)
             for v, w in blocks:
                 z[:, v : v + w.shape[0]] = _matmul_fp32(h_c, w.t())
+                del w  # else the next block is made while this one is still held
         if b is not None:
             z += b
         step(z, y[s : s + chunk], loss_rows[s : s + chunk])
@@ -204,6 +208,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
             g = grad_h[s : s + chunk].zero_()
             for v, w in _head_blocks(weight, compute, half_gemm):
                 g += z[:, v : v + w.shape[0]].to(w.dtype) @ w
+                del w
         if grad_w is not None:
             grad_w.addmm_(z.t(), h_c.to(compute))
         if grad_b is not None:

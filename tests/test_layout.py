@@ -2,7 +2,7 @@
 batch -> step -> save, and no two modules import each other, directly or round a loop.
 
     kernels   <- nothing of lowrank
-    errors, files (the top-level helpers) <- each other only
+    errors, files, host_memory (the top-level helpers) <- each other only
     models    <- helpers, kernels
     data      <- helpers
     adapters  <- helpers, kernels, models
@@ -69,7 +69,7 @@ def layer(module: str) -> str:
     if module == "lowrank":
         return "api"
     part = module.split(".")[1]
-    return "helpers" if part in ("errors", "files") else part
+    return "helpers" if part in ("errors", "files", "host_memory") else part
 
 
 def violations(srcs: dict[str, tuple[str, bool]]) -> list[str]:

@@ -103,7 +103,7 @@ def test_matches_full_logits(monkeypatch, dtype, train_weight, chunk_size):
 def test_half_head_upcast_block_by_block(monkeypatch, train_weight):
     # 24 * 4 * 10 bytes: blocks of 10 vocabulary rows (the last one short) instead of an fp32 copy of W.
     monkeypatch.setenv("LOWRANK_KERNEL", "torch")
-    monkeypatch.setattr(lce, "_CHUNK_BYTES", H * 4 * 10)
+    monkeypatch.setattr(lce, "_HEAD_BLOCK_BYTES", H * 4 * 10)
     check_against_reference(torch.bfloat16, train_weight, with_bias=True, chunk_size=8)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .. import host_memory
 from ..errors import CheckpointError, ConfigError, LowrankError
 from ..files import missing_folder_message, write_atomic
 from .families import build_model, read_config
@@ -157,6 +158,8 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device) if device is not None else torch.device("cpu")
     quantizer = Quantizer(model, quantize, device)
+    if quantize and device.type == "cpu":
+        host_memory.keep_heap_small()  # else freed scratch of quantising stays resident (host_memory.py)
     # Checkpoint key -> module name, or None for weights beside the causal LM (a vision tower).
     model_key = getattr(model, "model_key", lambda k: k)
     outside: dict[str, str] = {}
@@ -195,6 +198,8 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
         state = {k: _cast(k, t, target) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
+    if device.type == "cpu" and quantized_modules(model):
+        host_memory.keep_heap_small()  # for the steps to come, and the load's freed pages go back
     if outside:
         warnings.warn(f"{folder}: lowrank loads the language model only; {len(outside)} tensors beside it "
                       f"({', '.join(sorted({'.'.join(k.split('.')[:2 if k.startswith('model.') else 1]) for k in outside}))}.*) "
