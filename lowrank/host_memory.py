@@ -6,9 +6,11 @@ quantising a checkpoint, or a training step's upcast blocks and activations, nea
 tensor of a few MB comes from the heap, and a freed block that is not at the heap's top stays
 resident: on Qwen2.5-7B's shape with an NF4 base, `malloc_trim(0)` in the middle of the first
 step gave back 1.7 GB of an 8.2 GB RSS (2026-12-01). A fixed threshold stops the drift: blocks
-of `MMAP_THRESHOLD` or more are mapped and unmapped on their own, so RSS follows the live
-tensors; a page-faulted 4 MB costs a millisecond or so, next to the matmuls that need such
-blocks.
+of `MMAP_THRESHOLD` (1 MB) or more are mapped and unmapped on their own, so RSS follows the
+live tensors. 4 MB was not enough: the first forward of that step still left about 50 MB of
+free heap per layer resident (1.2 GB over 28 layers; on 4 of its layers, trimming after the
+forward gave back all of it); at 1 MB nothing is left over. Mapping a block costs its page
+faults, small next to the matmuls that make such blocks.
 
 `keep_heap_small()` is what a quantised load on the CPU calls (the case where memory is the
 point); `LOWRANK_MALLOC=default` leaves malloc as it is. Elsewhere (macOS, musl, GPU runs) it
@@ -20,7 +22,7 @@ import os
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 1 << 20
 
 
 def _glibc():
