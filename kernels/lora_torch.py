@@ -20,7 +20,10 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, tra
     h = F.dropout(x, dropout_p, training) if dropout_p > 0.0 else x
     xa = F.linear(h, lora_a) * scale
     base = F.linear(x, weight, bias)
-    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t())
+    # B^T as a row-major [r, N] copy (r * N elements): autograd then computes dB^T = xa^T @ dy, a
+    # GEMM with r output rows, rather than (dy^T @ xa)^T for the column-major view, whose [N, r]
+    # output was ~2.5x slower on the CPU (r = 8, N = 1408).
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.t().contiguous())
     return out.view(base.shape)
 
 
