@@ -40,7 +40,8 @@ Three paths, one answer within dtype tolerance:
 
 from .dispatch import kernel_choice, use_triton
 from .gated_delta_rule_torch import (CHUNK, check_args, chunk_gated_delta_rule_torch,  # noqa: F401
-                                     gated_delta_rule_reference, gated_delta_rule_step, l2norm, state_dtype)
+                                     gated_delta_rule_reference, gated_delta_rule_step, l2norm, per_value_head,
+                                     state_dtype)
 from .varlen import Packing
 
 
@@ -48,7 +49,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_st
                            cu_seqlens=None, scale=None, use_qk_l2norm_in_kernel=False):
     """Gated DeltaNet's linear attention over whole sequences (training, prefill).
 
-    q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H] log-decay (<= 0); beta: [B, T, H] in (0, 1).
+    q, k: [B, T, H_k, K] with H = r * H_k (value head j reads key head j // r, as Qwen3.5's
+    grouped value heads; r = 1 is plain); v: [B, T, H, V]; g: [B, T, H] log-decay (<= 0);
+    beta: [B, T, H] in (0, 1).
     initial_state: [B, H, K, V] ([N, H, K, V] with cu_seqlens) or None for zeros.
     cu_seqlens: int [N + 1] sequence starts of a packed batch (B = 1); the state restarts at each.
     scale: defaults to K ** -0.5. use_qk_l2norm_in_kernel: l2-normalise q and k (eps 1e-6) first.
@@ -62,7 +65,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_st
     packing = Packing(cu_seqlens, q.shape[1]) if cu_seqlens is not None else None
     if packing is not None:
         q, k, v, g, beta = (packing.pad(x) for x in (q, k, v, g, beta))
-    if q.shape[1] > 0 and _takes_triton(q, k, v, g, beta, initial_state):  # T = 0: nothing to launch
+    triton = q.shape[1] > 0 and use_triton(v)  # T = 0: nothing to launch
+    if triton:  # the kernels take one q/k head per value head; the torch path shares them
+        q, k = per_value_head(q, v), per_value_head(k, v)
+    if triton and _takes_triton(q, k, v, g, beta, initial_state):
         from .gated_delta_rule_triton import chunk_gated_delta_rule_triton
 
         o, S = chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state, scale)
@@ -74,8 +80,6 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, output_final_st
 
 
 def _takes_triton(q, k, v, g, beta, initial_state) -> bool:
-    if not use_triton(v):
-        return False
     from .gated_delta_rule_triton import check_supported  # imports triton: only reached when it imports
 
     why = check_supported(q, k, v, g, beta, initial_state)

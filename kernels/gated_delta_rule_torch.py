@@ -13,6 +13,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
+def per_value_head(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q or k [B, T, H_k, K] -> [B, T, H_v, K]: value head j reads key head j // (H_v / H_k)."""
+    r = v.shape[2] // x.shape[2]
+    return x if r == 1 else x.repeat_interleave(r, dim=2)
+
+
 def state_dtype(v: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; float64 inputs (the tests' oracle) keep float64."""
     return torch.promote_types(v.dtype, torch.float32)
@@ -24,9 +30,10 @@ def state_dtype(v: torch.Tensor) -> torch.dtype:
 
 
 def _recurrence(q, k, v, g, beta, state, scale):
-    """q, k [B, T, H, K], v [B, T, H, V], g, beta [B, T, H], state [B, H, K, V] or None.
+    """q, k [B, T, H_k, K], v [B, T, H, V], g, beta [B, T, H], state [B, H, K, V] or None.
     Returns (o [B, T, H, V] in the state's dtype, final state)."""
     dt = state_dtype(v)
+    q, k = per_value_head(q, v), per_value_head(k, v)
     B, T, H, K = k.shape
     S = q.new_zeros(B, H, K, v.shape[-1], dtype=dt) if state is None else state.to(dt)
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
@@ -112,28 +119,38 @@ class _UnitLowerInverse(torch.autograd.Function):
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state, scale, chunk=CHUNK):
     """The chunked form for a dense batch (no cu_seqlens), computed in the state's dtype.
+    q, k may have H_k = H / r heads, each read by r consecutive value heads: the products of
+    keys and queries alone (K K^T, Q K^T, [C, C] per chunk) are then computed once per key head
+    and shared by its r value heads, and no repeated copy of q or k is made.
     Returns (o [B, T, H, V] in v's dtype, final state [B, H, K, V])."""
     dt, out_dtype = state_dtype(v), v.dtype
-    B, T, H, K = k.shape
-    Vd = v.shape[-1]
+    B, T, Hk, K = k.shape
+    H, Vd = v.shape[2], v.shape[-1]
+    r = H // Hk
     S = q.new_zeros(B, H, K, Vd, dtype=dt) if initial_state is None else initial_state.to(dt)
     if T == 0:  # an empty sequence (of a packed batch, say): the state passes through
         return v.new_zeros(v.shape), S
-    q, k, v, g, beta = (_chunked(x.to(dt), chunk) for x in (q, k, v, g, beta))  # [NT, B * H, C, ...]
+    q, k = (_chunked(x.to(dt), chunk) for x in (q, k))  # [NT, B * H_k, C, K]
+    # The value side grouped by key head: [NT, B * H_k, r, C, ...] (value head j = key head j // r).
+    v, g, beta = (_chunked(x.to(dt), chunk).unflatten(1, (B * Hk, r)) for x in (v, g, beta))
     G = g.cumsum(-1)
     G_last = G[..., -1:]
     upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu(1)
     # exp(G_i - G_j) on and below the diagonal; above it masked before the exp (it would overflow).
     D = (G[..., :, None] - G[..., None, :]).masked_fill(upper, -torch.inf).exp()
-    k_beta = k * beta[..., None]
-    Tinv = _UnitLowerInverse.apply(((k_beta @ k.transpose(-1, -2)) * D).tril(-1))  # T = (I + L)^-1
-    W = Tinv @ (k_beta * G.exp()[..., None])
+    kk = (k @ k.transpose(-1, -2)).unsqueeze(2)  # one per key head
+    Tinv = _UnitLowerInverse.apply((kk * D * beta[..., None]).tril(-1))  # T = (I + L)^-1, L = diag(beta) K K^T * D
+    # W = T diag(beta exp(G)) K: the diagonal folded into T's columns, then all r value heads'
+    # [C, C] blocks stacked against their key head's shared K in one matmul.
+    W = ((Tinv * (beta * G.exp())[..., None, :]).flatten(2, 3) @ k).view(*Tinv.shape[:-1], K)
     U0 = Tinv @ (v * beta[..., None])
     q = q * scale
-    A = (q @ k.transpose(-1, -2)) * D  # the intra-chunk attention, zero above the diagonal
-    q_decayed = q * G.exp()[..., None]
-    k_decayed_t = (k * (G_last - G).exp()[..., None]).transpose(-1, -2)
-    chunk_decay = G_last.exp()[..., None]  # [NT, B * H, 1, 1]
+    A = (q @ k.transpose(-1, -2)).unsqueeze(2) * D  # the intra-chunk attention, zero above the diagonal
+    q_decayed = q.unsqueeze(2) * G.exp()[..., None]
+    k_decayed_t = (k.unsqueeze(2) * (G_last - G).exp()[..., None]).transpose(-1, -2)
+    chunk_decay = G_last.exp()[..., None]  # [NT, B * H_k, r, 1, 1]
+    U0, W, q_decayed, A, k_decayed_t, chunk_decay = (x.flatten(1, 2) for x in (U0, W, q_decayed, A, k_decayed_t,
+                                                                               chunk_decay))  # [NT, B * H, ...]
 
     S = S.reshape(B * H, K, Vd)
     outs = []
@@ -154,10 +171,12 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state, scale, chunk=C
 
 def check_args(q, k, v, g, beta, initial_state, cu_seqlens):
     if q.dim() != 4 or q.shape != k.shape:
-        raise ValueError(f"q and k must both be [B, T, H, K], got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, T, H, K = k.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {tuple(v.shape)}")
+        raise ValueError(f"q and k must both be [B, T, H_k, K], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, Hk, K = k.shape
+    if v.dim() != 4 or v.shape[:2] != (B, T) or v.shape[2] % max(Hk, 1):
+        raise ValueError(f"v must be [B, T, H, V] = [{B}, {T}, H, V] with H a multiple of q and k's "
+                         f"{Hk} heads, got {tuple(v.shape)}")
+    H = v.shape[2]
     for name, t in (("g", g), ("beta", beta)):
         if tuple(t.shape) != (B, T, H):
             raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got {tuple(t.shape)}")

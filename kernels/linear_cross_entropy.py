@@ -26,6 +26,8 @@ cost about as much as the matmuls and the twin's 32 bytes more than twice as muc
 small hidden size the step, not the matmuls, sets the loss's speed (estimate, not measured).
 """
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -122,8 +124,19 @@ def cross_entropy_grad_triton_(logits, labels, loss_out, block_v=None):
     return loss_out
 
 
-def cross_entropy_grad_torch_(logits, labels, loss_out):
-    """The torch step, and the spec of the kernel: same contract, any float dtype."""
+def cross_entropy_grad_torch_(logits, labels, loss_out, all_valid=False):
+    """The torch step, and the spec of the kernel: same contract, any float dtype. all_valid: the
+    caller has dropped the ignored rows (as `_chunked_forward` does), so the pass that zeroes
+    them is skipped (one of the six passes over the chunk's logits)."""
+    if all_valid:
+        m = logits.amax(dim=1, keepdim=True)
+        target = logits.gather(1, labels[:, None]).squeeze(1)
+        logits.sub_(m).exp_()
+        s = logits.sum(dim=1, keepdim=True)
+        logits.div_(s)
+        torch.sub((m + s.log()).squeeze(1), target, out=loss_out)
+        logits.scatter_add_(1, labels[:, None], logits.new_full((labels.shape[0], 1), -1.0))
+        return loss_out
     valid = labels != IGNORE_INDEX
     safe = labels.masked_fill(~valid, 0)
     target = logits.gather(1, safe[:, None]).squeeze(1)
@@ -181,7 +194,7 @@ def _chunked_forward(hidden, weight, bias, labels, chunk_size, needs, triton_ste
     h, y = hidden[rows], labels[rows]
     n = rows.numel()
     chunk = chunk_size or _default_chunk_size(V)
-    step = cross_entropy_grad_triton_ if triton_step else cross_entropy_grad_torch_
+    step = cross_entropy_grad_triton_ if triton_step else partial(cross_entropy_grad_torch_, all_valid=True)
 
     new = dict(dtype=compute, device=hidden.device)
     loss_rows = torch.empty(n, **new)

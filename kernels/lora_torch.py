@@ -30,7 +30,11 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, tra
         h = F.dropout(xc, dropout_p, training) if dropout_p > 0.0 else xc
         xa = F.linear(h, lora_a.to(dtype)) * scale
         base = frozen_linear(xc, weight, bias, dtype)
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), lora_b.to(dtype).t())
+        # B^T as a row-major [r, N] copy (r * N elements): autograd then computes dB^T = xa^T @ dy,
+        # a GEMM with r output rows, rather than (dy^T @ xa)^T for the column-major view, whose
+        # [N, r] output was ~2.5x slower on the CPU (r = 8, N = 1408).
+        bt = lora_b.to(dtype).t().contiguous()
+        out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), bt)
     return out.view(base.shape).to(out_dtype)
 
 

@@ -39,16 +39,18 @@ def dtype_id(dtype):
     return str(dtype).removeprefix("torch.")
 
 
-def make_inputs(B, T, seed, with_state=True, normalised=True, n_states=None):
+def make_inputs(B, T, seed, with_state=True, normalised=True, n_states=None, heads=H, key_heads=None):
     """float64 q, k, v, g, beta, initial_state as a Qwen3.5 layer makes them: unit-norm keys
     (the layer l2-normalises them; unnormalised keys make the delta rule diverge), beta a sigmoid,
-    g = -exp(A_log) * softplus(a + dt_bias) between about -3 and 0. Nothing is zero."""
+    g = -exp(A_log) * softplus(a + dt_bias) between about -3 and 0. Nothing is zero.
+    heads: value heads; key_heads: q and k's, heads / r for grouped value heads (default: heads)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)
 
-    q, k = randn(B, T, H, K), randn(B, T, H, K)
+    H = heads
+    q, k = randn(B, T, key_heads or H, K), randn(B, T, key_heads or H, K)
     if normalised:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = randn(B, T, H, V)
@@ -130,6 +132,67 @@ def test_chunk_size_does_not_change_the_answer():
         o, S = gdr.chunk_gated_delta_rule_torch(q, k, v, g, beta, state, K**-0.5, chunk=chunk)
         assert_matches(o, ref[0], torch.float64)
         assert_matches(S, ref[1], torch.float64)
+
+
+def repeated_heads(fn):
+    """fn with q and k repeated to one head per value head first (value head j reads key head
+    j // r, as transformers' repeat_interleave): the oracle for grouped key heads, by autograd
+    through the repeat (the gradient of a key head sums its r value heads')."""
+
+    def call(q, k, v, *args, **kwargs):
+        r = v.shape[2] // q.shape[2]
+        return fn(q.repeat_interleave(r, dim=2), k.repeat_interleave(r, dim=2), v, *args, **kwargs)
+
+    return call
+
+
+GROUPED = dict(heads=6, key_heads=3)  # value heads 2i, 2i + 1 read key head i (tiling would read i % 3)
+
+
+def _check_grouped(monkeypatch, path, dtype, T, with_state, l2norm, cu_seqlens=None):
+    """3 key heads for 6 value heads: as the float64 recurrence on repeated q, k, forward and the
+    gradients of q and k (3 heads each), v, g, beta and the initial state."""
+    device = on_path(monkeypatch, path)
+    n = 1 if cu_seqlens is None else len(cu_seqlens) - 1
+    inputs = make_inputs(1, T, seed=20 + T, with_state=with_state, normalised=not l2norm, n_states=n, **GROUPED)
+    gen = torch.Generator().manual_seed(21 + T)
+    Hv = GROUPED["heads"]
+    dy, ds = torch.randn(1, T, Hv, V, generator=gen, dtype=torch.float64), torch.randn(n, Hv, K, V, generator=gen,
+                                                                                        dtype=torch.float64)
+    kw = dict(use_qk_l2norm_in_kernel=l2norm)
+    ours = run_with_grads(chunk_gated_delta_rule, cast(inputs, dtype, device), dy.to(device), ds.to(device),
+                          cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(device), **kw)
+    ref = run_with_grads(repeated_heads(gated_delta_rule_reference), cast(inputs, torch.float64), dy, ds,
+                         cu_seqlens=cu_seqlens, **kw)
+    assert ours[0].shape == (1, T, Hv, V) and ours[2][0].shape == (1, T, GROUPED["key_heads"], K)
+    names = [n for n, t in zip(NAMES, inputs) if t is not None]
+    for what, a, b in [("o", ours[0], ref[0]), ("final_state", ours[1], ref[1]),
+                       *((f"d{n}", a, b) for n, a, b in zip(names, ours[2], ref[2]))]:
+        assert_matches(a, b, dtype, what)
+
+
+@pytest.mark.parametrize("dtype, T, with_state, l2norm", [
+    (torch.float64, 1, True, False), (torch.float32, 37, False, True), (torch.float64, 130, True, True),
+    (torch.float32, 130, True, False)], ids=["fp64-T1", "fp32-T37-nostate-l2norm", "fp64-T130-l2norm", "fp32-T130"])
+def test_grouped_key_heads_match_recurrence_of_repeated_heads(monkeypatch, dtype, T, with_state, l2norm):
+    _check_grouped(monkeypatch, "torch", dtype, T, with_state, l2norm)
+
+
+def test_grouped_key_heads_packed(monkeypatch):
+    _check_grouped(monkeypatch, "torch", torch.float32, 101, True, True, cu_seqlens=torch.tensor([0, 37, 101]))
+
+
+def test_grouped_key_heads_decode_step():
+    """gated_delta_rule_step on grouped key heads = the chunked call over the whole."""
+    q, k, v, g, beta, state = cast(make_inputs(1, 42, seed=22, **GROUPED), torch.float32, grad=False)
+    whole = chunk_gated_delta_rule(q, k, v, g, beta, state, True)
+    o, S = chunk_gated_delta_rule(*(x[:, :40] for x in (q, k, v, g, beta)), state, True)
+    o_steps = [o]
+    for t in (40, 41):
+        o_t, S = gated_delta_rule_step(*(x[:, t:t + 1] for x in (q, k, v, g, beta)), S)
+        o_steps.append(o_t)
+    assert_matches(torch.cat(o_steps, dim=1), whole[0], torch.float32)
+    assert_matches(S, whole[1], torch.float32)
 
 
 # --- the contract, checked on each path (the Triton twins are below) --------------------------
@@ -244,6 +307,8 @@ def test_shapes_are_checked():
     q, k, v, g, beta, state = cast(make_inputs(2, 5, seed=14), torch.float32, grad=False)
     with pytest.raises(ValueError, match=r"v must be \[B, T, H, V\]"):
         chunk_gated_delta_rule(q, k, v[:, :4], g, beta)
+    with pytest.raises(ValueError, match="H a multiple of q and k's 2 heads"):
+        chunk_gated_delta_rule(q[:, :, :2], k[:, :, :2], v, g, beta)
     with pytest.raises(ValueError, match=r"beta must be \[B, T, H\] = \[2, 5, 3\]"):
         chunk_gated_delta_rule(q, k, v, g, beta[..., None])
     with pytest.raises(ValueError, match=r"initial_state must be \[2, 3, 24, 40\]"):
@@ -353,6 +418,11 @@ def test_triton_state_carried_across_two_calls(monkeypatch, poisoned):
 @needs_triton
 def test_triton_l2norm_in_kernel(monkeypatch, poisoned):
     _check_l2norm(monkeypatch, "triton")
+
+
+@needs_triton
+def test_triton_grouped_key_heads(monkeypatch, poisoned):
+    _check_grouped(monkeypatch, "triton", torch.float32, 70, True, True)
 
 
 @needs_triton

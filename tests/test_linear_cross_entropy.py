@@ -244,14 +244,15 @@ def test_works_without_triton():
 # --- the fused step (torch twin and Triton kernel) against the math --------------------------
 
 
-def check_step(step, device, **kw):
+def check_step(step, device, ignored=True, **kw):
     g = torch.Generator().manual_seed(1)
     C = 9
     logits = 4 * torch.randn(C, V, generator=g)
     # Row 0 peaks in its first 16 columns: exp(z) overflows fp32 unless shifted by the running max.
     logits[0, :16] += 100
     y = torch.randint(0, V, (C,), generator=g)
-    y[[2, 5]] = IGNORE
+    if ignored:
+        y[[2, 5]] = IGNORE
     z64 = logits.double().requires_grad_()
     ref_loss = F.cross_entropy(z64, y, ignore_index=IGNORE, reduction="none")
     ref_loss.sum().backward()
@@ -265,6 +266,11 @@ def check_step(step, device, **kw):
 
 def test_torch_step_matches_cross_entropy():
     check_step(lce.cross_entropy_grad_torch_, "cpu")
+
+
+def test_torch_step_of_rows_all_trained_matches_cross_entropy():
+    """all_valid, as the chunked loss calls it once the ignored rows are dropped."""
+    check_step(lce.cross_entropy_grad_torch_, "cpu", ignored=False, all_valid=True)
 
 
 @needs_triton

@@ -139,10 +139,12 @@ class GatedDeltaNet(nn.Module):
             mixed, conv_state = causal_conv1d(mixed, self.conv1d.weight, initial_state=conv_state,
                                               output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         n = mixed.shape[:2]
-        K, r = self.k_heads * self.k_dim, self.v_heads // self.k_heads
+        K = self.k_heads * self.k_dim
         q, k, v = mixed.split([K, K, self.v_heads * self.v_dim], dim=-1)
-        q = q.reshape(*n, self.k_heads, self.k_dim).repeat_interleave(r, dim=2)
-        k = k.reshape(*n, self.k_heads, self.k_dim).repeat_interleave(r, dim=2)
+        # One q/k head per key head: the kernels read key head j // r for value head j themselves
+        # (normalising and, on the CPU, the K K^T / Q K^T products once per key head).
+        q = q.reshape(*n, self.k_heads, self.k_dim)
+        k = k.reshape(*n, self.k_heads, self.k_dim)
         v = v.reshape(*n, self.v_heads, self.v_dim)
         beta = b.sigmoid()
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias)
