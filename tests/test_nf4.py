@@ -144,10 +144,12 @@ def test_dequantize_rows_equals_those_rows_of_bitsandbytes_weight(double_quant, 
     packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
     tensors = {"p.weight": packed, **{"p.weight." + k: v for k, v in state.as_dict(packed=True).items()}}
     qw = from_bnb_state_dict(tensors, "p.")
-    whole = F.dequantize_4bit(packed, state, quant_type="nf4").float()
+    whole = F.dequantize_4bit(packed, state, quant_type="nf4")  # bf16, the weight's dtype
+    whole32 = dequantize_nf4(qw, torch.float32)
     monkeypatch.setattr(nf4, "CHUNK", 128)
     for rows in (slice(0, 16), slice(16, 176), slice(160, 288), slice(288, 300), slice(0, 300)):
-        assert torch.equal(dequantize_nf4(qw, torch.float32, rows), whole[rows])
+        assert torch.equal(dequantize_nf4(qw, torch.bfloat16, rows), whole[rows])
+        assert torch.equal(dequantize_nf4(qw, torch.float32, rows), whole32[rows])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
