@@ -109,6 +109,15 @@ class FrozenLinear(torch.autograd.Function):
     def backward(ctx, dy):
         dx = dbias = None
         if ctx.needs_input_grad[0]:
+            dx = FrozenLinear._dx(ctx, dy)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return dx, None, dbias, None
+
+    @staticmethod
+    def _dx(ctx, dy):
+        # Autocast off: a backward called inside autocast would recast these matmuls to its dtype.
+        with torch.autocast(dy.device.type, enabled=False):
             w, dtype = ctx.weight, ctx.dtype
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
             blocks = row_blocks(w) if dtype == torch.float32 else [slice(None)]
@@ -118,10 +127,7 @@ class FrozenLinear(torch.autograd.Function):
                 dx = dy2.new_zeros(dy2.shape[0], w.shape[1])
                 for rows in blocks:
                     dx.addmm_(dy2[:, rows], weight_rows(w, dtype, rows))
-            dx = dx.view(*dy.shape[:-1], -1).to(ctx.x_dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return dx, None, dbias, None
+            return dx.view(*dy.shape[:-1], -1).to(ctx.x_dtype)
 
 
 def frozen_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, dtype: torch.dtype | None = None):

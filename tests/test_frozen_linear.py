@@ -92,6 +92,18 @@ def test_bf16_on_a_cpu_without_bf16_units_is_computed_in_fp32(fmt, monkeypatch):
         assert_rounded_once(o, r)
 
 
+def test_the_frozen_backward_keeps_fp32_under_autocast(monkeypatch):
+    """Its dx is fp32 even when backward is called inside autocast (which would recast its matmul;
+    lowrank's loop calls backward outside it, as PyTorch advises)."""
+    weight, dense, x, bias, dy = make(torch.bfloat16, "int8", seed=7)
+    monkeypatch.setattr(frozen_linear, "_has", lambda cpu, probe: False)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = frozen_linear.frozen_linear(x, weight, None)
+        y.backward(dy.float())
+    assert_rounded_once(x.grad, dy.double() @ dense)
+
+
 @pytest.mark.parametrize("autocast", ["none", "bf16-x", "fp32-x"])
 def test_bf16_lora_on_a_cpu_without_bf16_units_rounds_once(autocast, monkeypatch):
     """The whole torch LoRA linear: fp32 inside, bf16 out; also under the training step's bf16

@@ -283,9 +283,10 @@ def _sft_backward(run: Run, micro_batches: list[dict]) -> tuple[float, dict]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
     for i, batch in enumerate(micro_batches):
         batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
-        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1), _autocast(run):
-            part, _ = run.loss_module(batch)
-            loss = part * scale
+        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1):
+            with _autocast(run):  # the forward only: a backward under autocast would recast the
+                part, _ = run.loss_module(batch)  # matmuls of custom backwards (frozen_linear's fp32)
+                loss = part * scale
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         loss_sum += part.detach().double()
     loss = dist.all_reduce_sum(loss_sum, info).item() / max(trained, 1.0)

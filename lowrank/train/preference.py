@@ -173,9 +173,10 @@ def preference_backward(run, micro_batches: list[dict]) -> tuple[float, dict]:
     nll = torch.zeros((), dtype=torch.float64, device=run.device)
     for i, batch in enumerate(micro_batches):
         batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
-        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1), _autocast(run):
-            pair_sum, nll_sum, part = run.loss_module(batch)
-            loss = pair_sum * pair_scale + nll_sum * nll_scale
+        with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1):
+            with _autocast(run):  # the forward only, as in loop.py
+                pair_sum, nll_sum, part = run.loss_module(batch)
+                loss = pair_sum * pair_scale + nll_sum * nll_scale
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         stats += part
         nll += nll_sum.detach().double()
