@@ -17,6 +17,7 @@ Two things decide how it is computed:
 """
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -47,6 +48,7 @@ def half_gemm_is_slow(x: torch.Tensor) -> bool:
     return not _has(cpu, "_is_amx_fp16_supported")
 
 
+@functools.cache  # the CPU does not change: asked once per process, not at every matmul
 def _has(cpu, probe: str) -> bool:
     fn = getattr(cpu, probe, None)  # private probes: a torch without one counts as "no"
     return bool(fn()) if fn is not None else False
@@ -80,6 +82,11 @@ def weight_rows(weight, dtype: torch.dtype, rows: slice | None = None) -> torch.
     return dequantize(weight, dtype, rows)
 
 
+def _blocks(weight, dtype: torch.dtype) -> list[slice]:
+    """Rows made at a time: blocks in fp32 (dx summed in fp32), the whole weight otherwise."""
+    return row_blocks(weight) if dtype == torch.float32 else [slice(None)]
+
+
 def row_blocks(weight) -> list[slice]:
     """Blocks of about CHUNK elements of W's rows; an NF4 block starts on a 64-value block."""
     n, k = (int(d) for d in weight.shape)
@@ -97,7 +104,7 @@ class FrozenLinear(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         x = x.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        blocks = row_blocks(weight) if dtype == torch.float32 else [slice(None)]
+        blocks = _blocks(weight, dtype)
         if len(blocks) == 1:
             return F.linear(x, weight_rows(weight, dtype), b)
         y = x.new_empty(*x.shape[:-1], weight.shape[0])
@@ -120,7 +127,7 @@ class FrozenLinear(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             w, dtype = ctx.weight, ctx.dtype
             dy2 = dy.reshape(-1, dy.shape[-1]).to(dtype)
-            blocks = row_blocks(w) if dtype == torch.float32 else [slice(None)]
+            blocks = _blocks(w, dtype)
             if len(blocks) == 1:
                 dx = dy2 @ weight_rows(w, dtype)
             else:
