@@ -165,20 +165,27 @@ def main(argv=None):
     rows = []
     for t in lengths:
         inputs = make_inputs(args.batch, t, shape, dtype, device)
+        # Every implementation's output against the chunked torch path on fp32 copies of the same
+        # inputs: a timing of something that computes another function (a layout or gate
+        # convention of fla's read wrong, say) shows as a large error, not as a speed-up.
+        with torch.no_grad():
+            ref = implementations("cpu")["torch-chunked"](*(x.detach().float() for x in inputs))
         for name, fn in implementations(device).items():
             if name == "recurrence" and t > MAX_RECURRENCE_T:
                 continue
+            with torch.no_grad():
+                err = ((fn(*inputs).float() - ref).norm() / ref.norm()).item()
             for backward in (False, True):
                 ms = timed(fn, inputs, backward, args.reps, device)
                 rows.append(dict(impl=name, T=t, batch=args.batch, backward=backward, ms=ms,
-                                 tokens_per_s=args.batch * t / ms * 1e3))
+                                 tokens_per_s=args.batch * t / ms * 1e3, rel_err=err))
 
     print(f"heads={shape['heads']} K={shape['k']} V={shape['v']} batch={args.batch} "
           f"{str(dtype).removeprefix('torch.')} on {device}")
-    print(f"{'impl':14} {'T':>6} {'pass':>8} {'ms':>10} {'tokens/s':>12}")
+    print(f"{'impl':14} {'T':>6} {'pass':>8} {'ms':>10} {'tokens/s':>12} {'rel err':>9}")
     for r in rows:
         print(f"{r['impl']:14} {r['T']:>6} {'fwd+bwd' if r['backward'] else 'fwd':>8} {r['ms']:>10.2f} "
-              f"{r['tokens_per_s']:>12.0f}")
+              f"{r['tokens_per_s']:>12.0f} {r['rel_err']:>9.1e}")
     out = args.out or RESULTS / f"gated_delta_rule-{device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(date=datetime.date.today().isoformat(), torch=torch.__version__,

@@ -3,6 +3,7 @@
     python -m benchmarks.lora_matmul                        # GPU: all Qwen2.5 shapes below, bf16
     python -m benchmarks.lora_matmul --models 7B --m 8192 --r 16 --proj q k v   # a subset
     python -m benchmarks.lora_matmul --quick                # tiny shapes, fp32 (default without a GPU)
+    python -m benchmarks.lora_matmul --nf4 --models 7B --m 4096 8192 --r 16   # QLoRA: the NF4 kernels
     python -m benchmarks.lora_matmul --roofline             # FLOPs, bytes, intensity: no timing
     python -m benchmarks.lora_matmul --compile-only         # build every kernel/config for sm_90, no GPU:
                                                             # shared memory, registers, spills
@@ -14,7 +15,16 @@ Per projection of Qwen2.5-0.5B/1.5B/7B (q, k, v, o, gate, up, down), M tokens, r
 each forward alone and forward + backward (grads of x, A, B; W frozen), with and without
 dropout; and q/k/v merged: lora_linear_merged against its one wide base GEMM, three separate
 lora_linear calls and three PEFT calls. Writes benchmarks/results/lora_matmul-<device>.json.
-Without a GPU the same table runs on the torch path at tiny sizes, so the script is exercised.
+
+With --nf4, the same projections (and q/k/v, gate/up merged) on an NF4 base, double-quantised
+as bitsandbytes stores it (issue 18's target: lowrank <= 1.15x base at M >= 4096):
+  base          F.linear(x, W) on the bf16 weight, the GEMM QLoRA has to compete with
+  dequant       dequantize_nf4 alone, into the compute dtype
+  dequant_gemm  dequantise, then lora_linear on the dense weight (what unsloth and peft +
+                bitsandbytes do: a weight-sized buffer, then a GEMM that reads it)
+  lowrank       lora_linear on the NF4Weight (the fused kernels read 0.5 byte per weight)
+Written to benchmarks/results/lora_matmul-nf4-<device>.json.
+Without a GPU the same tables run on the torch path at tiny sizes, so the script is exercised.
 """
 
 import argparse
@@ -29,7 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowrank.kernels import lora_linear, lora_linear_merged, lora_linear_reference, use_triton
+from lowrank.kernels import (dequantize_nf4, lora_linear, lora_linear_merged, lora_linear_reference, quantize_nf4,
+                             use_triton)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {  # Qwen2.5 config.json values; "tiny" is for --quick
@@ -169,6 +180,44 @@ def bench_merged_qkv(t, model, M, r, p, backward, dtype, device) -> dict:
                 base_flops=flops(M, K, N, r, backward, lora=False), ms=times)
 
 
+def bench_nf4(t, model, projs, M, r, backward, dtype, device) -> dict:
+    """One NF4 row: `projs` is one projection, or several of one input run as one merged call."""
+    shapes = projection_shapes(MODELS[model])
+    K = shapes[projs[0]][0]
+    widths, biases = [shapes[p][1] for p in projs], [shapes[p][2] for p in projs]
+    x, params = make_inputs(M, K, widths, biases, r, dtype, device)
+    ws, bs, As, Bs = (list(z) for z in zip(*params))
+    qws = [quantize_nf4(w, 64, double_quant=True) for w in ws]
+    w_cat, b_cat = torch.cat(ws), (torch.cat(bs) if all(b is not None for b in bs) else None)
+    lora_params = [x] + As + Bs
+    scales = [2.0] * len(projs)
+
+    def lora(weights):
+        if len(projs) == 1:
+            return lora_linear(x, weights[0], bs[0], As[0], Bs[0], 2.0)
+        return lora_linear_merged(x, weights, bs, As, Bs, scales)
+
+    times = {
+        "base": t(step(lambda: F.linear(x, w_cat, b_cat), [x], backward)),
+        "dequant": t(lambda: [dequantize_nf4(q, dtype) for q in qws]),
+        "dequant_gemm": t(step(lambda: lora([dequantize_nf4(q, dtype) for q in qws]), lora_params, backward)),
+        "lowrank": t(step(lambda: lora(qws), lora_params, backward)),
+    }
+    N = sum(widths)
+    return dict(model=model, proj="_".join(projs) if len(projs) > 1 else projs[0], M=M, K=K, N=N, r=r,
+                dropout=0.0, backward=backward, weight="nf4-double",
+                flops=sum(flops(M, K, n, r, backward) for n in widths),
+                base_flops=flops(M, K, N, r, backward, lora=False), ms=times)
+
+
+def print_nf4_row(row):
+    ms = row["ms"]
+    print(f"{row['model']:>5} {row['proj']:>9} {row['M']:>6} {row['r']:>3} {'f+b' if row['backward'] else 'fwd':>3} | "
+          f"base {ms['base']:8.3f} dequant {ms['dequant']:8.3f} dequant+gemm {ms['dequant_gemm']:8.3f} "
+          f"lowrank {ms['lowrank']:8.3f} | lowrank/base {ms['lowrank'] / ms['base']:5.2f} "
+          f"dequant+gemm/lowrank {ms['dequant_gemm'] / ms['lowrank']:5.2f}", flush=True)
+
+
 def print_row(row):
     ms = row["ms"]
     tflops = row["flops"] / (ms["lowrank"] * 1e-3) / 1e12
@@ -186,7 +235,9 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
+    """The table `args` asks for; `save(result so far)` after each row, so a run stopped at a
+    time limit keeps what it measured."""
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     quick = args.quick or device.type == "cpu"
     models = args.models or (["tiny"] if quick else ["0.5B", "1.5B", "7B"])
@@ -197,18 +248,32 @@ def run(args) -> dict:
     rows = []
     path = "triton" if use_triton(torch.empty(0, device=device)) else "torch reference"
     print(f"device {device_slug(device)}, {dtype}, lowrank = {path}, times in ms (median)")
+
+    def add(row, show):
+        rows.append(row)
+        show(row)
+        save(_result(rows, device, dtype, quick, path))
+
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny matmuls: more threads only add scheduling noise
     try:
-        for model, M, r, p, backward in itertools.product(models, ms_list, ranks, (0.0, 0.1), (False, True)):
-            for proj in args.proj or PROJECTIONS:
-                rows.append(bench_projection(t, model, proj, M, r, p, backward, dtype, device))
-                print_row(rows[-1])
-            rows.append(bench_merged_qkv(t, model, M, r, p, backward, dtype, device))
-            print_row(rows[-1])
+        if args.nf4:
+            groups = [(p,) for p in args.proj or PROJECTIONS] + [("q", "k", "v"), ("gate", "up")]
+            for model, M, r, backward in itertools.product(models, ms_list, ranks, (False, True)):
+                for projs in groups:
+                    add(bench_nf4(t, model, projs, M, r, backward, dtype, device), print_nf4_row)
+        else:
+            for model, M, r, p, backward in itertools.product(models, ms_list, ranks, (0.0, 0.1), (False, True)):
+                for proj in args.proj or PROJECTIONS:
+                    add(bench_projection(t, model, proj, M, r, p, backward, dtype, device), print_row)
+                add(bench_merged_qkv(t, model, M, r, p, backward, dtype, device), print_row)
     finally:
         torch.set_num_threads(threads)
+    return _result(rows, device, dtype, quick, path)
+
+
+def _result(rows, device, dtype, quick, path) -> dict:
     return {"date": str(datetime.date.today()), "device": device_slug(device), "torch": torch.__version__,
             "dtype": str(dtype).removeprefix("torch."), "quick": quick, "lowrank_path": path,
             "note": "ms = median time; flops count the LoRA term, base_flops the GEMM alone", "rows": rows}
@@ -297,6 +362,8 @@ def main(argv=None):
     ap.add_argument("--m", nargs="+", type=int, help="token counts M")
     ap.add_argument("--r", nargs="+", type=int, help="LoRA ranks")
     ap.add_argument("--proj", nargs="+", choices=PROJECTIONS)
+    ap.add_argument("--nf4", action="store_true",
+                    help="the NF4-base (QLoRA) table instead: fused kernels against dequantise-then-GEMM")
     ap.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/lora_matmul-<device>.json)")
     ap.add_argument("--roofline", action="store_true", help="print the roofline table (first --m, --r) and exit")
@@ -314,11 +381,16 @@ def main(argv=None):
         if not ok:
             raise SystemExit("a kernel does not fit an H100's shared memory")
         return None
-    result = run(args)
-    out = args.out or RESULTS / f"lora_matmul-{result['device']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    written = []
+
+    def save(result):
+        out = args.out or RESULTS / f"lora_matmul-{'nf4-' if args.nf4 else ''}{result['device']}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        written[:] = [out]
+
+    result = run(args, save)
+    print(f"wrote {written[0]}" if written else "no rows")
     return result
 
 

@@ -311,6 +311,17 @@ def test_benchmark_quick_mode_runs(tmp_path):
     tiny = lora_matmul.MODELS["tiny"]
     assert rows[2]["N"] == (tiny["heads"] + 2 * tiny["kv_heads"]) * tiny["head_dim"]
 
+    # --nf4: the QLoRA table, one row per projection and per merged group, forward and f+b
+    out = tmp_path / "nf4.json"
+    lora_matmul.main(["--nf4", "--quick", "--m", "33", "--reps", "1", "--proj", "v", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["proj"], row["backward"]) for row in rows] == [
+        (proj, bwd) for bwd in (False, True) for proj in ("v", "q_k_v", "gate_up")]
+    for row in rows:
+        assert set(row["ms"]) == {"base", "dequant", "dequant_gemm", "lowrank"}
+        assert all(ms > 0 for ms in row["ms"].values())
+    assert rows[2]["N"] == 2 * tiny["intermediate"] and rows[2]["K"] == tiny["hidden"]
+
 
 def test_torch_path_equals_the_reference_with_the_same_dropout_mask():
     """lora_linear_torch reorders the reference's arithmetic; the same seed draws the same mask,
