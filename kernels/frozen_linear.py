@@ -23,10 +23,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import chunks
 from .int8 import Int8Weight, dequantize_int8
 from .nf4 import NF4Weight, dequantize_nf4
 
-CHUNK = 1 << 22  # elements of W made (dequantised or upcast) at a time in the blocked form
+CHUNK = chunks.CHUNK  # elements of W made (dequantised or upcast) at a time in the blocked form
 
 
 def intended_dtype(x: torch.Tensor) -> torch.dtype:
@@ -91,8 +92,7 @@ def row_blocks(weight) -> list[slice]:
     """Blocks of about CHUNK elements of W's rows; an NF4 block starts on a 64-value block."""
     n, k = (int(d) for d in weight.shape)
     align = weight.blocksize // math.gcd(k, weight.blocksize) if isinstance(weight, NF4Weight) else 1
-    step = max(align, CHUNK // max(1, k) // align * align)
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+    return chunks.row_blocks(n, k, CHUNK, align)
 
 
 class FrozenLinear(torch.autograd.Function):

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .chunks import CHUNK, row_blocks  # CHUNK is read at each call: the tests shrink it
+
 _INV_127 = 7.874015718698502e-3  # fp32(1/127): bitsandbytes' constant
-CHUNK = 1 << 22  # elements (quantised or dequantised) at a time: about 24 MB of scratch
 
 
 @dataclass
@@ -48,7 +49,7 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     # values to a chunk's size (6 bytes per element of the whole weight otherwise).
     codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     scb = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for rows in _row_blocks(w):
+    for rows in row_blocks(*w.shape, CHUNK):
         w16 = w[rows].detach().to(torch.float16)
         scb[rows] = w16.abs().amax(dim=1).float()
         scaled = w16 * (127.0 / scb[rows])[:, None]  # fp16 * fp32 -> fp32, as bitsandbytes computes it
@@ -56,18 +57,12 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(codes, scb, w.dtype)
 
 
-def _row_blocks(w: torch.Tensor):
-    """Slices of rows of about CHUNK elements each."""
-    step = max(1, CHUNK // max(1, w.shape[1]))
-    return [slice(i, i + step) for i in range(0, w.shape[0], step)]
-
-
 def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
     """W8 * SCB / 127 (or its `rows`) as `dtype` (default: the original's), computed in fp32 and
     rounded once."""
     codes, scb = (qw.weight, qw.scb) if rows is None else (qw.weight[rows], qw.scb[rows])
     out = torch.empty(codes.shape, dtype=dtype or qw.dtype, device=codes.device)
-    for block in _row_blocks(codes):  # the fp32 scratch is a block of rows', not the weight's
+    for block in row_blocks(*codes.shape, CHUNK):  # the fp32 scratch is a block of rows', not the weight's
         out[block] = codes[block].float() * scb[block, None] * _INV_127
     return out
 

@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Elements quantised or dequantised at a time: a multiple of every blocksize (and of 2, for the
+# packing); read at each call (the tests shrink it).
+from .chunks import CHUNK
+
 # bitsandbytes' NF4 levels (`get_4bit_type("nf4")`, i.e. `create_normal_map()`'s non-zero
 # entries): quantiles of N(0, 1) normalised to [-1, 1], ascending, so index order = value order.
 NF4_LEVELS = (
@@ -85,9 +89,6 @@ class NF4Weight:
                          move(self.nested_absmax), self.nested_offset)
 
 
-# Elements quantised or dequantised at a time: a multiple of every blocksize (and of 2, for the
-# packing); 4M elements keep the scratch near 64 MB.
-CHUNK = 1 << 22
 
 
 def _blockwise_nearest(flat: torch.Tensor, blocksize: int, code: torch.Tensor):

@@ -31,7 +31,6 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +50,8 @@ from .loss import IGNORE_INDEX, count_trainable_tokens, masked_cross_entropy
 from .schedule import lr_at, warmup_steps_for
 from .config import TrainConfig, check_config, to_toml
 from .neftune import add_neftune, remove_neftune
-from .prepare import apply_method, autocast_dtype_for, check_max_len, load_examples, load_tokenizer_for, pack_rows
+from .prepare import (apply_method, autocast_dtype_for, check_max_len, forward_autocast, load_examples,
+                      load_tokenizer_for, pack_rows)
 from .reporting import RunLog, say, start_lines, summary_line, write_loss_plot
 from .preference import (PreferenceLoss, build_reference, evaluate_preference, precompute_reference,
                          preference_backward, preference_batches)
@@ -284,19 +284,13 @@ def _sft_backward(run: Run, micro_batches: list[dict]) -> tuple[float, dict]:
     for i, batch in enumerate(micro_batches):
         batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
         with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1):
-            with _autocast(run):  # the forward only: a backward under autocast would recast the
-                part, _ = run.loss_module(batch)  # matmuls of custom backwards (frozen_linear's fp32)
+            with forward_autocast(run):  # the forward only (prepare.forward_autocast says why)
+                part, _ = run.loss_module(batch)
                 loss = part * scale
             (run.scaler.scale(loss) if run.scaler else loss).backward()
         loss_sum += part.detach().double()
     loss = dist.all_reduce_sum(loss_sum, info).item() / max(trained, 1.0)
     return loss, {"tokens": int(tokens), "trained_tokens": int(trained)}
-
-
-def _autocast(run: Run):
-    if run.autocast_dtype is None:
-        return nullcontext()
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype)
 
 
 @torch.no_grad()
@@ -312,7 +306,7 @@ def evaluate(run: Run) -> dict:
     try:
         for batch in batches[info.rank::info.world_size]:
             batch = {key: value.to(run.device) for key, value in batch.items()}
-            with _autocast(run):
+            with forward_autocast(run):
                 loss_sum, n = causal_lm_loss(run.model, batch, cfg.loss == "fused")
             totals += torch.stack([loss_sum.double(), n.double()])
     finally:

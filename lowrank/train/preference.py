@@ -36,6 +36,7 @@ from . import distributed as dist
 from ..data.dataset import IGNORE_INDEX
 from ..data.preference import make_pair_batches
 from ..kernels import linear_cross_entropy
+from .prepare import forward_autocast
 from .reference import make_reference
 
 # What a step logs, with TRL's names; each is a mean over the step's pairs.
@@ -174,7 +175,7 @@ def preference_backward(run, micro_batches: list[dict]) -> tuple[float, dict]:
     for i, batch in enumerate(micro_batches):
         batch = {key: value.to(run.device, non_blocking=True) for key, value in batch.items()}
         with dist.no_sync(run.loss_module, sync=i == len(micro_batches) - 1):
-            with _autocast(run):  # the forward only, as in loop.py
+            with forward_autocast(run):  # the forward only
                 pair_sum, nll_sum, part = run.loss_module(batch)
                 loss = pair_sum * pair_scale + nll_sum * nll_scale
             (run.scaler.scale(loss) if run.scaler else loss).backward()
@@ -202,10 +203,6 @@ def _metrics(stats: torch.Tensor) -> dict:
     return {"loss": float(stats[1]) / n, **{name: float(v) / n for name, v in zip(METRICS, stats[2:])}}
 
 
-def _autocast(run):
-    return torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None)
-
-
 # ---- the reference, evaluation ------------------------------------------------------------------
 
 def build_reference(model, cfg):
@@ -230,7 +227,7 @@ def evaluate_preference(run) -> dict:
     try:
         for batch in batches[info.rank::info.world_size]:
             batch = {key: value.to(run.device) for key, value in batch.items()}
-            with _autocast(run):
+            with forward_autocast(run):
                 _, nll_sum, part = loss_module(batch)
             stats += part
             totals += torch.stack([nll_sum.double(), answer_lengths(batch["labels"]).chunk(2)[0].sum().double()])
@@ -261,7 +258,7 @@ def precompute_reference(run) -> None:
         for batch in batches[info.rank::info.world_size]:
             index = batch.pop("pair_index").to(run.device)
             batch = {key: value.to(run.device) for key, value in batch.items()}
-            with _autocast(run):
+            with forward_autocast(run):
                 table[index] = run.reference.logps(batch).double().view(2, -1).t()
         tables[name] = dist.all_reduce_sum(table, info).float().cpu()
     run.reference.precomputed(tables)

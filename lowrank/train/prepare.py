@@ -63,6 +63,13 @@ def autocast_dtype_for(choice: str, device: torch.device) -> torch.dtype | None:
     return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[choice]
 
 
+def forward_autocast(run):
+    """Autocast for a run's forwards (a no-op without one). Only forwards: a backward under
+    autocast would recast the matmuls of custom backwards (frozen_linear's fp32 dx) to half
+    precision, against PyTorch's advice."""
+    return torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None)
+
+
 class _VocabOnly:
     """Stands in for a tokenizer when the model folder has none: enough for pre-tokenized data."""
 
