@@ -4,6 +4,7 @@
     python -m benchmarks.lora_matmul --models 7B --m 8192 --r 16 --proj q k v   # a subset
     python -m benchmarks.lora_matmul --quick                # tiny shapes, fp32 (default without a GPU)
     python -m benchmarks.lora_matmul --nf4 --models 7B --m 4096 8192 --r 16   # QLoRA: the NF4 kernels
+    python -m benchmarks.lora_matmul --nf4 --compile-only   # the NF4 GEMMs compiled for sm_90, no GPU
     python -m benchmarks.lora_matmul --roofline             # FLOPs, bytes, intensity: no timing
     python -m benchmarks.lora_matmul --compile-only         # build every kernel/config for sm_90, no GPU:
                                                             # shared memory, registers, spills
@@ -279,11 +280,12 @@ def _result(rows, device, dtype, quick, path) -> dict:
             "note": "ms = median time; flops count the LoRA term, base_flops the GEMM alone", "rows": rows}
 
 
-def compile_check(r_pad: int = 128, dropout: bool = True) -> bool:
+def compile_check(r_pad: int = 128, dropout: bool = True, nf4: bool = False) -> bool:
     """Compile every kernel and autotune config for sm_90 without a GPU, for q/k/v merged at rank
     r_pad: catches what the interpreter cannot (types, layouts, shared memory, register spills).
     Arguments get the specialisations a launch on Qwen shapes would give them: 16-divisible
-    pointers and sizes, and x's unit stride as a constant."""
+    pointers and sizes, and x's unit stride as a constant. nf4: the two GEMMs that read a
+    double-quantised NF4 weight (lora_nf4.py) instead of the dense ones."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -294,6 +296,11 @@ def compile_check(r_pad: int = 128, dropout: bool = True) -> bool:
         raise SystemExit("TRITON_INTERPRET=1 is set: unset it to compile")
     nseg, smem_limit = 3, 232448  # H100: 227 KB of shared memory per block
     aligned = {"M", "K", "R_TOTAL", "N_TOTAL", "stride_xm", "n_sizes", "M_BUCKET"}
+    # element types where a name's default (bf16 pointers, i32 scalars) is not it
+    types = {"da_ptrs": "*fp32", "db_ptrs": "*fp32", "scales": "fp32", "inv_keep": "fp32",
+             "code_ptr": "*fp32", "dyn_ptr": "*fp32", "packed_ptrs": "*u8", "absmax_ptrs": "*u8",
+             "nested_ptrs": "*fp32", "offsets": "fp32"}
+    per_segment = {"n_sizes", "r_sizes", "scales", "offsets"}
 
     def signature(fn):
         sig, attrs = {}, {}
@@ -302,12 +309,8 @@ def compile_check(r_pad: int = 128, dropout: bool = True) -> bool:
             if param.is_constexpr or name == "stride_xk":
                 sig[name] = "constexpr"
                 continue
-            if name.endswith("_ptrs"):
-                sig[name] = ("*fp32" if name in ("da_ptrs", "db_ptrs") else "*bf16",) * nseg
-            elif name in ("n_sizes", "r_sizes", "scales"):
-                sig[name] = ("fp32" if name == "scales" else "i32",) * nseg
-            else:
-                sig[name] = "*bf16" if name.endswith("_ptr") else "fp32" if name == "inv_keep" else "i32"
+            one = types.get(name, "*bf16" if name.endswith(("_ptr", "_ptrs")) else "i32")
+            sig[name] = (one,) * nseg if name.endswith("_ptrs") or name in per_segment else one
             if isinstance(sig[name], tuple) and (name.endswith("_ptrs") or name in aligned):
                 attrs.update({(i, j): [["tt.divisibility", 16]] for j in range(nseg)})
             elif name.endswith("_ptr") or name in aligned:
@@ -316,10 +319,18 @@ def compile_check(r_pad: int = 128, dropout: bool = True) -> bool:
 
     small = lm.small_kernel_meta(True, r_pad)
     warps = small.pop("num_warps")
-    common = dict(stride_xk=1, NSEG=nseg, R_PAD=r_pad, PRECISION="tf32", DROPOUT=dropout, HAS_BIAS=True)
-    jobs = [(lm._fwd_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_N", "BLOCK_K")]
-    jobs += [(lm._dx_kernel, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_K", "BLOCK_N")]
-    jobs += [(k, dict(small, SPLIT_M=4), warps, 3) for k in (lm._xs_kernel, lm._lora_bwd_kernel, lm._da_kernel)]
+    common = dict(stride_xk=1, NSEG=nseg, R_PAD=r_pad, PRECISION="tf32", DROPOUT=dropout, HAS_BIAS=True,
+                  NESTED=True, QBLOCK=64)
+    if nf4:
+        from lowrank.kernels import lora_nf4
+
+        fwd, dx = lora_nf4._fwd_nf4_kernel, lora_nf4._dx_nf4_kernel
+    else:
+        fwd, dx = lm._fwd_kernel, lm._dx_kernel
+    jobs = [(fwd, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_N", "BLOCK_K")]
+    jobs += [(dx, c.kwargs, c.num_warps, c.num_stages) for c in lm.gemm_configs("BLOCK_K", "BLOCK_N")]
+    if not nf4:  # the r-wide kernels are the same in both
+        jobs += [(k, dict(small, SPLIT_M=4), warps, 3) for k in (lm._xs_kernel, lm._lora_bwd_kernel, lm._da_kernel)]
     fits = True
     for fn, meta, num_warps, num_stages in jobs:
         sig, attrs = signature(fn)
@@ -375,9 +386,10 @@ def main(argv=None):
         return None
     if args.compile_only:
         ok = True
-        for r_pad, dropout in ((16, False), (16, True), (128, True)):
-            print(f"q/k/v merged, bf16, r <= {r_pad}, dropout {'on' if dropout else 'off'}:")
-            ok &= compile_check(r_pad, dropout)
+        for r_pad, dropout in ((16, False), (16, True)) if args.nf4 else ((16, False), (16, True), (128, True)):
+            print(f"q/k/v merged, bf16{', NF4 base' if args.nf4 else ''}, r <= {r_pad}, "
+                  f"dropout {'on' if dropout else 'off'}:")
+            ok &= compile_check(r_pad, dropout, nf4=args.nf4)
         if not ok:
             raise SystemExit("a kernel does not fit an H100's shared memory")
         return None

@@ -2,7 +2,7 @@
 
 `lora_merged.py`'s five kernels with the base GEMMs reading NF4: where `_fwd_kernel` and
 `_dx_kernel` load a tile of W, `_fwd_nf4_kernel` and `_dx_nf4_kernel` load the packed bytes and
-the block scales of that tile and dequantise it in registers (`_nf4_weights`), exactly as
+the block scales of that tile and dequantise it in registers (`_nf4_tile`), exactly as
 `nf4.dequantize_nf4` does: NF4[q] * absmax in fp32, rounded to the compute dtype, then `tl.dot`.
 With double quantisation the scale is DYN[code] * nested_absmax[block // 256] + offset, also
 made in the tile. So the base term reads 0.5 byte per weight plus one absmax byte per 64 (bf16
@@ -17,7 +17,10 @@ would be 2 bytes): the GEMMs of a memory-bound QLoRA step (small M) read a quart
 The r-wide kernels never touch W and are `lora_merged.py`'s own; so are the dropout masks
 (the same Philox bits, so a quantised and a dense call with one seed drop the same elements).
 Several NF4 projections of one x (q/k/v, gate/up) run as one launch, as in `lora_merged.py`;
-they must agree on whether they are double quantised. int8 weights take the torch path.
+they must agree on double quantisation and block size. A tile's scales are read a block at a
+time, so each row must hold whole blocks: in_features a multiple of the block size, and blocks of
+at most 64 values (bitsandbytes' default, every Qwen and DeepSeek width is a multiple of 64);
+other NF4 weights, and int8 ones, take the torch path.
 
 This module imports triton unguarded: `lora_quantized.py` imports it only on the Triton path.
 """
@@ -39,29 +42,42 @@ from .nf4 import NF4Weight, dynamic_code, nf4_code
 
 
 @triton.jit
-def _nf4_weights(idx, mask, packed_ptr, absmax_ptr, nested_ptr, offset, blocksize, code_ptr, dyn_ptr,
-                 NESTED: tl.constexpr):
-    """fp32 weights at flat row-major indices `idx` (n * K + k) of an NF4 weight, 0 outside `mask`."""
-    byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
-    q = tl.where(idx % 2 == 0, byte >> 4, byte & 0xF)  # the first of two elements is the high nibble
-    level = tl.load(code_ptr + q)
-    blk = idx // blocksize
+def _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset, code_ptr, dyn_ptr, offs_n, k0, n_size, K,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QBLOCK: tl.constexpr, NESTED: tl.constexpr):
+    """fp32 W[offs_n, k0:k0 + BLOCK_K] ([BLOCK_N, BLOCK_K]) of an NF4 weight. Outside the weight
+    the values are finite but not 0 (level 0 is -1, and the offset is added): both GEMMs meet
+    them only with zeros of the other operand (x and dy load 0 there) or in masked stores.
+
+    Each row holds whole blocks of QBLOCK values (K % QBLOCK == 0, QBLOCK divides BLOCK_K), so
+    the tile needs BLOCK_K / QBLOCK scales per row, not one per value, and half as many bytes as
+    values: loads of that size keep the software pipeline's shared memory at the x tile's order
+    (per-value scale loads, fp32 with double quantisation, made it 216-464 KB at H100 tiles)."""
+    row_ok = offs_n < n_size
+    offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(packed_ptr + offs_n[:, None] * (K // 2) + offs_b[None, :],
+                   mask=row_ok[:, None] & (offs_b[None, :] < K // 2), other=0).to(tl.int32)
+    q = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK_N, BLOCK_K))  # the high nibble comes first
+    NB: tl.constexpr = BLOCK_K // QBLOCK
+    offs_q = k0 // QBLOCK + tl.arange(0, NB)
+    blk = offs_n[:, None] * (K // QBLOCK) + offs_q[None, :]
+    ok = row_ok[:, None] & (offs_q[None, :] < K // QBLOCK)
     if NESTED:
-        code = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)  # nf4.NESTED_BLOCKSIZE
+        code = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        nested = tl.load(nested_ptr + blk // 256, mask=ok, other=0.0)  # nf4.NESTED_BLOCKSIZE
         scale = tl.load(dyn_ptr + code) * nested + offset
     else:
-        scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-    return tl.where(mask, level * scale, 0.0)
+        scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+    scale = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, NB, QBLOCK)), (BLOCK_N, BLOCK_K))
+    return tl.load(code_ptr + q) * scale
 
 
 @triton.jit
 def _fwd_nf4_tile(
-    x_ptr, xs_ptr, y_ptr, packed_ptr, absmax_ptr, nested_ptr, offset, blocksize, code_ptr, dyn_ptr,
+    x_ptr, xs_ptr, y_ptr, packed_ptr, absmax_ptr, nested_ptr, offset, code_ptr, dyn_ptr,
     b_ptr, bias_ptr,
     M, K, n_size, col_lo, r_size, r_lo, R_TOTAL, N_TOTAL, stride_xm, stride_xk,
     pid_m, pid_n,
-    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """`lora_merged._fwd_tile` with W dequantised from NF4 as its tile is read."""
@@ -72,9 +88,9 @@ def _fwd_nf4_tile(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _nf4_weights(offs_n[None, :] * K + offs_k[:, None], (offs_n[None, :] < n_size) & (offs_k[:, None] < K),
-                         packed_ptr, absmax_ptr, nested_ptr, offset, blocksize, code_ptr, dyn_ptr, NESTED)
-        acc += tl.dot(x, w.to(x_ptr.dtype.element_ty), input_precision=PRECISION)
+        w = _nf4_tile(packed_ptr, absmax_ptr, nested_ptr, offset, code_ptr, dyn_ptr, offs_n, k0, n_size, K,
+                      BLOCK_N, BLOCK_K, QBLOCK, NESTED)
+        acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)), input_precision=PRECISION)
     offs_r = tl.arange(0, R_PAD)
     xs = tl.load(xs_ptr + offs_m[:, None] * R_TOTAL + r_lo + offs_r[None, :],
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < r_size), other=0.0)
@@ -93,10 +109,10 @@ def _fwd_nf4_kernel(
     # tuples per segment: packed W, absmax (fp32, or uint8 codes if NESTED), nested absmax, B_s, bias_s
     x_ptr, xs_ptr, y_ptr, code_ptr, dyn_ptr, packed_ptrs, absmax_ptrs, nested_ptrs, b_ptrs, bias_ptrs,
     # sizes and per-segment values (tuples)
-    M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets, blocksizes,
+    M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets,
     stride_xm, stride_xk,
     M_BUCKET,  # autotune key only: M rounded up to a power of two
-    NSEG: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr,
+    NSEG: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -111,9 +127,10 @@ def _fwd_nf4_kernel(
         nblk = tl.cdiv(n_sizes[s], BLOCK_N)
         if (pid_n >= blk_lo) & (pid_n < blk_lo + nblk):
             _fwd_nf4_tile(x_ptr, xs_ptr, y_ptr, packed_ptrs[s], absmax_ptrs[s], nested_ptrs[s], offsets[s],
-                          blocksizes[s], code_ptr, dyn_ptr, b_ptrs[s], bias_ptrs[s],
+                          code_ptr, dyn_ptr, b_ptrs[s], bias_ptrs[s],
                           M, K, n_sizes[s], col_lo, r_sizes[s], r_lo, R_TOTAL, N_TOTAL, stride_xm, stride_xk,
-                          pid_m, pid_n - blk_lo, NESTED, HAS_BIAS, R_PAD, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+                          pid_m, pid_n - blk_lo, NESTED, HAS_BIAS, R_PAD, QBLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
+                          PRECISION)
         blk_lo += nblk
         col_lo += n_sizes[s]
         r_lo += r_sizes[s]
@@ -123,10 +140,10 @@ def _fwd_nf4_kernel(
 def _dx_nf4_kernel(
     # pointers: dy [M, N_TOTAL], dxs [M, R_TOTAL], dx [M, K] (out), code tables; tuples per segment
     dy_ptr, dxs_ptr, dx_ptr, code_ptr, dyn_ptr, packed_ptrs, absmax_ptrs, nested_ptrs, a_ptrs,
-    M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets, blocksizes,
+    M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets,
     seed, threshold, inv_keep,
     M_BUCKET,  # autotune key only
-    NSEG: tl.constexpr, NESTED: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr,
+    NSEG: tl.constexpr, NESTED: tl.constexpr, DROPOUT: tl.constexpr, R_PAD: tl.constexpr, QBLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -142,10 +159,8 @@ def _dx_nf4_kernel(
             offs_n = n0 + tl.arange(0, BLOCK_N)
             dy = tl.load(dy_ptr + offs_m[:, None] * N_TOTAL + col_lo + offs_n[None, :],
                          mask=(offs_m[:, None] < M) & (offs_n[None, :] < n_sizes[s]), other=0.0)
-            w = _nf4_weights(offs_n[:, None] * K + offs_k[None, :],
-                             (offs_n[:, None] < n_sizes[s]) & (offs_k[None, :] < K),
-                             packed_ptrs[s], absmax_ptrs[s], nested_ptrs[s], offsets[s], blocksizes[s],
-                             code_ptr, dyn_ptr, NESTED)
+            w = _nf4_tile(packed_ptrs[s], absmax_ptrs[s], nested_ptrs[s], offsets[s], code_ptr, dyn_ptr, offs_n,
+                          pid_k * BLOCK_K, n_sizes[s], K, BLOCK_N, BLOCK_K, QBLOCK, NESTED)
             acc += tl.dot(dy, w.to(dy_ptr.dtype.element_ty), input_precision=PRECISION)
         col_lo += n_sizes[s]
     if DROPOUT:  # the masked LoRA term a quarter of the columns at a time, as _dx_kernel (register pressure)
@@ -184,6 +199,12 @@ _fwd_tuned = triton.autotune(gemm_configs("BLOCK_N", "BLOCK_K"),
                              key=["M_BUCKET", "N_TOTAL", "K", "R_PAD", "NESTED"])(_fwd_nf4_kernel)
 _dx_tuned = triton.autotune(gemm_configs("BLOCK_K", "BLOCK_N"),
                             key=["M_BUCKET", "N_TOTAL", "K", "R_PAD", "NESTED", "DROPOUT"])(_dx_nf4_kernel)
+# The reduction tile of a W tile is BLOCK_K in both GEMMs (the dx kernel's output columns): every
+# config's is at least MIN_BLOCK_K, so a quantisation block of at most that divides it. Under the
+# interpreter the lora_merged tiles with a wider K tile, so the tests' K (a multiple of 64, not of
+# 128) ends in a partial tile of two blocks of 64 (or four of 32).
+MIN_BLOCK_K = 64
+INTERPRETER_BLOCKS = dict(_INTERPRETER_BLOCKS, BLOCK_K=128)
 
 
 @cache
@@ -192,14 +213,13 @@ def _code_tables(device: torch.device):
 
 
 def _nf4_args(qweights):
-    """The per-segment tuples the kernels take: packed, absmax, nested absmax, offsets, blocksizes."""
+    """The per-segment tuples the kernels take: packed, absmax, nested absmax; and the offsets."""
     nested = qweights[0].double_quant
     packed = tuple(q.packed for q in qweights)
     absmax = tuple(q.absmax for q in qweights)
     nested_absmax = tuple(q.nested_absmax for q in qweights) if nested else absmax  # never read then
     offsets = tuple(float(q.nested_offset) if nested else 0.0 for q in qweights)
-    blocksizes = tuple(q.blocksize for q in qweights)
-    return nested, (packed, absmax, nested_absmax), (offsets, blocksizes)
+    return nested, (packed, absmax, nested_absmax), offsets
 
 
 def forward_nf4(x, qweights, biases, lora_as, lora_bs, scales, drop):
@@ -221,17 +241,18 @@ def forward_nf4(x, qweights, biases, lora_as, lora_bs, scales, drop):
     def grid(m):
         return (triton.cdiv(M, m["BLOCK_M"]) * sum(triton.cdiv(n, m["BLOCK_N"]) for n in n_sizes),)
 
-    nested, ptrs, (offsets, blocksizes) = _nf4_args(qweights)
+    nested, ptrs, offsets = _nf4_args(qweights)
     has_bias = biases[0] is not None
     bias_ptrs = tuple(biases) if has_bias else tuple(lora_bs)  # any pointer: never read without HAS_BIAS
     args = (x, xs, y, *_code_tables(x.device), *ptrs, tuple(lora_bs), bias_ptrs,
-            M, K, xs.shape[1], y.shape[1], n_sizes, r_sizes, offsets, blocksizes, x.stride(0), x.stride(1),
+            M, K, xs.shape[1], y.shape[1], n_sizes, r_sizes, offsets, x.stride(0), x.stride(1),
             triton.next_power_of_2(M))
-    consts = dict(NSEG=len(qweights), NESTED=nested, HAS_BIAS=has_bias, R_PAD=r_pad, PRECISION=precision)
+    consts = dict(NSEG=len(qweights), NESTED=nested, HAS_BIAS=has_bias, R_PAD=r_pad, QBLOCK=qweights[0].blocksize,
+                  PRECISION=precision)
     if x.is_cuda:
         _fwd_tuned[grid](*args, **consts)
     else:
-        _fwd_nf4_kernel[grid](*args, **consts, **_INTERPRETER_BLOCKS)
+        _fwd_nf4_kernel[grid](*args, **consts, **INTERPRETER_BLOCKS)
     return y, xs
 
 
@@ -260,15 +281,16 @@ def backward_nf4(dy, x, xs, qweights, lora_as, lora_bs, scales, drop, need_dx: b
         def grid(m):
             return (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),)
 
-        nested, ptrs, (offsets, blocksizes) = _nf4_args(qweights)
+        nested, ptrs, offsets = _nf4_args(qweights)
         args = (dy, dxs, dx, *_code_tables(x.device), *ptrs, tuple(lora_as),
-                M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets, blocksizes,
+                M, K, R_TOTAL, N_TOTAL, n_sizes, r_sizes, offsets,
                 seed, threshold, inv_keep, triton.next_power_of_2(M))
-        consts = dict(NSEG=nseg, NESTED=nested, DROPOUT=dropout, R_PAD=r_pad, PRECISION=precision)
+        consts = dict(NSEG=nseg, NESTED=nested, DROPOUT=dropout, R_PAD=r_pad, QBLOCK=qweights[0].blocksize,
+                      PRECISION=precision)
         if x.is_cuda:
             _dx_tuned[grid](*args, **consts)
         else:
-            _dx_nf4_kernel[grid](*args, **consts, **_INTERPRETER_BLOCKS)
+            _dx_nf4_kernel[grid](*args, **consts, **INTERPRETER_BLOCKS)
 
     da32 = tuple(torch.zeros(a.shape, device=x.device, dtype=torch.float32) for a in lora_as)
     k_blocks, m_blocks = triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(M, meta["BLOCK_M"])
@@ -331,6 +353,13 @@ def check_supported_nf4(x, qweights, biases, lora_as, lora_bs) -> str | None:
         return "an int8 weight (the fused kernels read NF4; int8 takes the torch path)"
     if len({q.double_quant for q in qweights}) > 1:
         return "projections of which some are double quantised and some not"
+    if len({q.blocksize for q in qweights}) > 1:
+        return "projections quantised with different block sizes"
+    if qweights[0].blocksize > MIN_BLOCK_K:
+        return f"NF4 blocks of {qweights[0].blocksize} values (the kernels take at most {MIN_BLOCK_K})"
+    if x.shape[-1] % qweights[0].blocksize:
+        return (f"in_features {x.shape[-1]}, not a multiple of the NF4 block size {qweights[0].blocksize} "
+                "(the kernels read whole blocks per row)")
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} (the kernels take {', '.join(map(str, DTYPES))})"
     if x.dtype == torch.bfloat16 and not x.is_cuda:

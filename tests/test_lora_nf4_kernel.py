@@ -23,6 +23,9 @@ lora_quantized = importlib.import_module("lowrank.kernels.lora_quantized")
 frozen_linear = importlib.import_module("lowrank.kernels.frozen_linear")
 
 M, K, N = 37, 100, 70
+# The Triton path reads whole NF4 blocks per row (in_features a multiple of the block size): its
+# tests use 192, three blocks of 64, which the interpreter's K tile of 128 ends in a partial tile.
+K_TRITON = 192
 P_DROP = 0.25
 
 INTERPRETED, TRITON_RUNS = triton_status("lowrank.kernels.lora_nf4", "_fwd_nf4_kernel")
@@ -34,6 +37,7 @@ needs_triton = pytest.mark.skipif(
 FORMATS = {
     "nf4": lambda w: quantize_nf4(w, double_quant=False),
     "nf4-double": lambda w: quantize_nf4(w, double_quant=True),
+    "nf4-double-bs32": lambda w: quantize_nf4(w, blocksize=32, double_quant=True),
     "int8": quantize_int8,
 }
 
@@ -49,7 +53,7 @@ def make_projection(n, r, dtype, fmt="nf4-double", bias=True, seed=0, k=K):
     b = torch.randn(n, generator=g) if bias else None
     a = torch.randn(r, k, generator=g) / k**0.5
     bb = torch.randn(n, r, generator=g) / r**0.5
-    qw = FORMATS[fmt](w.to(dtype)).to(DEVICE)
+    qw = (FORMATS[fmt] if isinstance(fmt, str) else fmt)(w.to(dtype)).to(DEVICE)
     return [qw] + [t.to(DEVICE, dtype).requires_grad_() if t is not None else None for t in (b, a, bb)]
 
 
@@ -181,13 +185,14 @@ def poisoned(monkeypatch):
     [
         pytest.param(torch.float32, "nf4-double", 8, True, id="fp32-double-r8"),
         pytest.param(torch.float32, "nf4", 1, False, id="fp32-plain-r1-nobias"),
+        pytest.param(torch.float32, "nf4-double-bs32", 4, True, id="fp32-double-blocks32-r4"),
         pytest.param(torch.float16, "nf4-double", 16, True, id="fp16-double-r16"),
     ]
     + [pytest.param(torch.bfloat16, "nf4-double", 16, True, id="bf16-double-r16")] * (DEVICE == "cuda"),
 )
 def test_triton_matches_torch_path(monkeypatch, poisoned, dtype, fmt, r, bias):
-    qw, b, a, bb = make_projection(N, r, dtype, fmt, bias=bias, seed=r)
-    x = torch.randn(M, K, generator=torch.Generator().manual_seed(r)).to(DEVICE, dtype)
+    qw, b, a, bb = make_projection(N, r, dtype, fmt, bias=bias, seed=r, k=K_TRITON)
+    x = torch.randn(M, K_TRITON, generator=torch.Generator().manual_seed(r)).to(DEVICE, dtype)
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(r + 1)).to(DEVICE, dtype)
     monkeypatch.setenv("LOWRANK_KERNEL", "triton")
     ours = grads_of(lora_linear, x, qw, b, a, bb, 2.0, dy)
@@ -209,9 +214,9 @@ def test_triton_merged_with_dropout_equals_dense_kernels(monkeypatch, poisoned):
     kernels on the dequantised weights: same seed, same masks, so outputs and all gradients agree."""
     monkeypatch.setenv("LOWRANK_KERNEL", "triton")
     widths, ranks, scales = (40, 18), (8, 1), (2.0, 0.5)
-    projs = [make_projection(n, r, torch.float32, "nf4-double", bias=i != 1, seed=i)
+    projs = [make_projection(n, r, torch.float32, "nf4-double", bias=i != 1, seed=i, k=K_TRITON)
              for i, (n, r) in enumerate(zip(widths, ranks))]
-    x = torch.randn(19, K, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    x = torch.randn(19, K_TRITON, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
     leaves = [x] + [t for p in projs for t in p[2:]]
     torch.manual_seed(9)
     merged = lora_linear_merged(x, *(list(t) for t in zip(*projs)), list(scales), P_DROP)
@@ -232,9 +237,19 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
     qw, b, a, bb = make_projection(N, 4, torch.float32, "int8")
     with pytest.raises(ValueError, match="an int8 weight"):
         lora_linear(torch.randn(M, K, device=DEVICE), qw, b, a, bb, 2.0)
-    qw, b, a, bb = make_projection(N, 129, torch.float32, "nf4")
+    qw, b, a, bb = make_projection(N, 129, torch.float32, "nf4", k=K_TRITON)
     with pytest.raises(ValueError, match="rank 129 > 128"):
+        lora_linear(torch.randn(M, K_TRITON, device=DEVICE), qw, b, a, bb, 2.0)
+    qw, b, a, bb = make_projection(N, 4, torch.float32, "nf4")  # K = 100: rows end inside a block
+    with pytest.raises(ValueError, match="in_features 100, not a multiple of the NF4 block size 64"):
         lora_linear(torch.randn(M, K, device=DEVICE), qw, b, a, bb, 2.0)
+    qw, b, a, bb = make_projection(N, 4, torch.float32, lambda w: quantize_nf4(w, blocksize=128), k=256)
+    with pytest.raises(ValueError, match="NF4 blocks of 128 values"):
+        lora_linear(torch.randn(M, 256, device=DEVICE), qw, b, a, bb, 2.0)
+    monkeypatch.delenv("LOWRANK_KERNEL")  # auto: such a weight takes the torch path, no error
+    qw, b, a, bb = make_projection(N, 4, torch.float32, "nf4")
+    x = torch.randn(M, K, device=DEVICE)
+    torch.testing.assert_close(lora_linear(x, qw, b, a, bb, 2.0), lora_linear_quantized_torch(x, qw, b, a, bb, 2.0))
 
 
 def test_interpreter_subprocess():
