@@ -252,6 +252,19 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
     torch.testing.assert_close(lora_linear(x, qw, b, a, bb, 2.0), lora_linear_quantized_torch(x, qw, b, a, bb, 2.0))
 
 
+def test_every_gpu_config_reads_whole_nf4_blocks():
+    """The W tile's K extent (BLOCK_K in both GEMMs) of every autotune config is a multiple of
+    MIN_BLOCK_K, the largest block size check_supported_nf4 lets in: a config with a narrower
+    tile would read a block's scale for values of the next block."""
+    pytest.importorskip("triton")
+    nf4_kernels = importlib.import_module("lowrank.kernels.lora_nf4")
+    for tuned in (nf4_kernels._fwd_tuned, nf4_kernels._dx_tuned):
+        for config in tuned.configs:
+            assert config.kwargs["BLOCK_K"] % nf4_kernels.MIN_BLOCK_K == 0, config
+    assert nf4_kernels.INTERPRETER_BLOCKS["BLOCK_K"] % nf4_kernels.MIN_BLOCK_K == 0
+    assert K_TRITON % nf4_kernels.MIN_BLOCK_K == 0 and K_TRITON % nf4_kernels.INTERPRETER_BLOCKS["BLOCK_K"]
+
+
 def test_interpreter_subprocess():
     if TRITON_RUNS:
         pytest.skip("the Triton tests ran in this process")
