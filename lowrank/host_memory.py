@@ -12,11 +12,14 @@ free heap per layer resident (1.2 GB over 28 layers; on 4 of its layers, trimmin
 forward gave back all of it); at 1 MB nothing is left over. Mapping a block costs its page
 faults at every use: on a small model they are a real share of the step (an NF4 Qwen2 of width
 512, 1,024 tokens a step: 5.05 s against 4.44 s with glibc's default, 2026-12-01, because its
-activations are 2-8 MB each); at 7B the matmuls that fill a block dwarf them.
+activations are 2-8 MB each), for little memory (90 MB of 1.1 GB there).
 
-`keep_heap_small()` is what a quantised load on the CPU calls (the case where memory is the
-point); `LOWRANK_MALLOC=default` leaves malloc as it is. Elsewhere (macOS, musl, GPU runs) it
-does nothing.
+So the threshold is for loads where memory is the point: `heap_matters(nbytes)` says whether a
+quantised CPU load of an `nbytes` checkpoint calls `keep_heap_small()`, which it does when the
+checkpoint is over a quarter of the machine's memory (Qwen2.5-7B's 15 GB of bf16 on a 24 GB
+machine; not a small model that fits either way). `LOWRANK_MALLOC=small` keeps the heap small
+for every quantised CPU load, `LOWRANK_MALLOC=default` for none. Elsewhere (macOS, musl, GPU
+runs) nothing is done.
 """
 
 import ctypes
@@ -25,6 +28,36 @@ import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
+MEMORY_SHARE = 0.25  # a checkpoint over this share of the machine's memory keeps the heap small
+
+
+def _mode() -> str:
+    return os.environ.get("LOWRANK_MALLOC", "").strip().lower()
+
+
+def physical_memory() -> int | None:
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit if lower; None
+    where neither can be read."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()  # cgroup v2; "max" when unlimited
+        if limit.isdigit():
+            total = min(total or int(limit), int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def heap_matters(nbytes: int) -> bool:
+    """Whether a quantised CPU load of a checkpoint of `nbytes` should keep the heap small."""
+    mode = _mode()
+    if mode in ("default", "small"):
+        return mode == "small"
+    total = physical_memory()
+    return total is None or nbytes > MEMORY_SHARE * total
 
 
 def _glibc():
@@ -40,7 +73,7 @@ def _glibc():
 def keep_heap_small() -> bool:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD and give the heap's free pages back now.
     Whether it did (False off glibc, or with LOWRANK_MALLOC=default)."""
-    if os.environ.get("LOWRANK_MALLOC", "").strip().lower() == "default":
+    if _mode() == "default":
         return False
     libc = _glibc()
     if libc is None:
@@ -52,7 +85,7 @@ def keep_heap_small() -> bool:
 def trim() -> bool:
     """Give the heap's free pages back to the OS (malloc_trim(0)); False off glibc."""
     libc = _glibc()
-    if libc is None or os.environ.get("LOWRANK_MALLOC", "").strip().lower() == "default":
+    if libc is None or _mode() == "default":
         return False
     libc.malloc_trim(0)
     return True

@@ -77,7 +77,7 @@ def test_lowrank_malloc_default_leaves_malloc_alone():
     assert not r["fixed"] and r["in_heap"] and r["freed_mb"] < 50 and r["trimmed_mb"] == 0
 
 
-def test_a_quantised_cpu_load_keeps_the_heap_small(monkeypatch, tmp_path):
+def test_a_quantised_cpu_load_keeps_the_heap_small_when_the_checkpoint_is_large(monkeypatch, tmp_path):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -86,11 +86,29 @@ def test_a_quantised_cpu_load_keeps_the_heap_small(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(host_memory, "keep_heap_small", lambda: calls.append(1) or True)
+    monkeypatch.delenv("LOWRANK_MALLOC", raising=False)
     torch.manual_seed(0)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=128)
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert host_memory.physical_memory() > 100 * size  # this machine's, or its cgroup's
+    lowrank.load_model(tmp_path, quantize="nf4")
+    assert calls == []  # a checkpoint small next to the machine's memory: malloc as it is
+    monkeypatch.setattr(host_memory, "physical_memory", lambda: 3 * size)  # the checkpoint is a third of it
     lowrank.load_model(tmp_path)
     assert calls == []  # a full-precision load leaves malloc as it is
     lowrank.load_model(tmp_path, quantize="nf4")
     assert calls == [1, 1]  # before reading (quantising makes the scratch), and after
+    monkeypatch.setattr(host_memory, "physical_memory", lambda: 5 * size)  # a fifth: under MEMORY_SHARE
+    calls.clear()
+    lowrank.load_model(tmp_path, quantize="nf4")
+    assert calls == []
+    monkeypatch.setenv("LOWRANK_MALLOC", "small")
+    lowrank.load_model(tmp_path, quantize="nf4")
+    assert calls == [1, 1]
+    monkeypatch.setenv("LOWRANK_MALLOC", "default")
+    monkeypatch.setattr(host_memory, "physical_memory", lambda: 3 * size)
+    calls.clear()
+    lowrank.load_model(tmp_path, quantize="nf4")
+    assert calls == []

@@ -158,8 +158,11 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
     state: dict[str, torch.Tensor] = {}
     device = torch.device(device) if device is not None else torch.device("cpu")
     quantizer = Quantizer(model, quantize, device)
-    if quantize and device.type == "cpu":
-        host_memory.keep_heap_small()  # else freed scratch of quantising stays resident (host_memory.py)
+    # glibc's heap keeps freed blocks resident (host_memory.py): on a CPU, a checkpoint large next
+    # to the machine's memory is quantised, and later trained, with the heap kept small
+    small_heap = device.type == "cpu" and host_memory.heap_matters(sum(f.stat().st_size for f in files))
+    if quantize and small_heap:
+        host_memory.keep_heap_small()  # else the freed scratch of quantising stays resident
     # Checkpoint key -> module name, or None for weights beside the causal LM (a vision tower).
     model_key = getattr(model, "model_key", lambda k: k)
     outside: dict[str, str] = {}
@@ -198,7 +201,7 @@ def load_model(path, dtype: torch.dtype | None = None, device=None, quantize: st
         state = {k: _cast(k, t, target) for k, t in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    if device.type == "cpu" and quantized_modules(model):
+    if small_heap and quantized_modules(model):
         host_memory.keep_heap_small()  # for the steps to come, and the load's freed pages go back
     if outside:
         warnings.warn(f"{folder}: lowrank loads the language model only; {len(outside)} tensors beside it "
