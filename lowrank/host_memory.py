@@ -26,13 +26,19 @@ import ctypes
 import os
 import sys
 
+from .errors import ConfigError
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 1 << 20
 MEMORY_SHARE = 0.25  # a checkpoint over this share of the machine's memory keeps the heap small
 
 
 def _mode() -> str:
-    return os.environ.get("LOWRANK_MALLOC", "").strip().lower()
+    mode = os.environ.get("LOWRANK_MALLOC", "").strip().lower()
+    if mode not in ("", "auto", "small", "default"):
+        raise ConfigError(f"LOWRANK_MALLOC={mode!r}: expected 'small' (always keep the heap small), 'default' "
+                          "(leave glibc's malloc alone) or 'auto' (unset: by the checkpoint's size)")
+    return mode
 
 
 def physical_memory() -> int | None:

@@ -112,3 +112,14 @@ def test_a_quantised_cpu_load_keeps_the_heap_small_when_the_checkpoint_is_large(
     calls.clear()
     lowrank.load_model(tmp_path, quantize="nf4")
     assert calls == []
+
+
+def test_a_misspelt_lowrank_malloc_is_refused_by_name(monkeypatch):
+    from lowrank import host_memory
+    from lowrank.errors import ConfigError
+
+    monkeypatch.setenv("LOWRANK_MALLOC", "smal")
+    with pytest.raises(ConfigError, match="LOWRANK_MALLOC='smal': expected 'small'"):
+        host_memory.heap_matters(1)
+    monkeypatch.setenv("LOWRANK_MALLOC", "auto")
+    assert host_memory.heap_matters(1) is False
