@@ -66,21 +66,34 @@ def no_autocast(x: torch.Tensor):
     return torch.autocast(x.device.type, enabled=False) if half_gemm_is_slow(x) else contextlib.nullcontext()
 
 
-def dequantize(qweight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-    """The [N, K] weight (or its `rows`) in `dtype`, whichever format it is stored in."""
+def dequantize(qweight, dtype: torch.dtype, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The [N, K] weight (or its `rows`) in `dtype`, whichever format it is stored in (into `out`
+    if given)."""
     if isinstance(qweight, NF4Weight):
-        return dequantize_nf4(qweight, dtype, rows)
+        return dequantize_nf4(qweight, dtype, rows, out)
     if isinstance(qweight, Int8Weight):
-        return dequantize_int8(qweight, dtype, rows)
+        return dequantize_int8(qweight, dtype, rows, out)
     raise TypeError(f"expected an NF4Weight or Int8Weight, got {type(qweight).__name__}")
 
 
-def weight_rows(weight, dtype: torch.dtype, rows: slice | None = None) -> torch.Tensor:
-    """W[rows] in `dtype`: a dense weight sliced and cast, a quantised one dequantised."""
+def weight_rows(weight, dtype: torch.dtype, rows: slice | None = None, out: torch.Tensor | None = None):
+    """W[rows] in `dtype`: a dense weight sliced and cast, a quantised one dequantised; written into
+    `out` (a contiguous tensor of that shape and dtype) if given."""
     if isinstance(weight, torch.Tensor):
         w = weight if rows is None else weight[rows]
-        return w.to(dtype)
-    return dequantize(weight, dtype, rows)
+        return w.to(dtype) if out is None else out.copy_(w)
+    return dequantize(weight, dtype, rows, out)
+
+
+def _scratch(weight, dtype: torch.dtype, blocks: list[slice], device) -> torch.Tensor:
+    """One buffer for every block of W a blocked matmul makes: a fresh one per block would be a
+    fresh mapping, and its page faults, at each (with host_memory's 1 MB mmap threshold)."""
+    k = weight.shape[1]
+    return torch.empty(max(b.stop - b.start for b in blocks) * k, dtype=dtype, device=device)
+
+
+def _block(weight, dtype, rows: slice, scratch: torch.Tensor) -> torch.Tensor:
+    return weight_rows(weight, dtype, rows, scratch[:(rows.stop - rows.start) * weight.shape[1]].view(-1, weight.shape[1]))
 
 
 def _blocks(weight, dtype: torch.dtype) -> list[slice]:
@@ -108,8 +121,9 @@ class FrozenLinear(torch.autograd.Function):
         if len(blocks) == 1:
             return F.linear(x, weight_rows(weight, dtype), b)
         y = x.new_empty(*x.shape[:-1], weight.shape[0])
+        scratch = _scratch(weight, dtype, blocks, x.device)
         for rows in blocks:
-            y[..., rows] = F.linear(x, weight_rows(weight, dtype, rows), None if b is None else b[rows])
+            y[..., rows] = F.linear(x, _block(weight, dtype, rows, scratch), None if b is None else b[rows])
         return y
 
     @staticmethod
@@ -132,8 +146,9 @@ class FrozenLinear(torch.autograd.Function):
                 dx = dy2 @ weight_rows(w, dtype)
             else:
                 dx = dy2.new_zeros(dy2.shape[0], w.shape[1])
+                scratch = _scratch(w, dtype, blocks, dy2.device)
                 for rows in blocks:
-                    dx.addmm_(dy2[:, rows], weight_rows(w, dtype, rows))
+                    dx.addmm_(dy2[:, rows], _block(w, dtype, rows, scratch))
             return dx.view(*dy.shape[:-1], -1).to(ctx.x_dtype)
 
 

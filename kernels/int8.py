@@ -57,11 +57,15 @@ def quantize_int8(w: torch.Tensor) -> Int8Weight:
     return Int8Weight(codes, scb, w.dtype)
 
 
-def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+def dequantize_int8(qw: Int8Weight, dtype: torch.dtype | None = None, rows: slice | None = None,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
     """W8 * SCB / 127 (or its `rows`) as `dtype` (default: the original's), computed in fp32 and
-    rounded once."""
+    rounded once. `out`: a tensor of that shape to write into (its dtype is the result's)."""
     codes, scb = (qw.weight, qw.scb) if rows is None else (qw.weight[rows], qw.scb[rows])
-    out = torch.empty(codes.shape, dtype=dtype or qw.dtype, device=codes.device)
+    if out is None:
+        out = torch.empty(codes.shape, dtype=dtype or qw.dtype, device=codes.device)
+    elif out.shape != codes.shape:
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(codes.shape)}")
     for block in row_blocks(*codes.shape, CHUNK):  # the fp32 scratch is a block of rows', not the weight's
         out[block] = codes[block].float() * scb[block, None] * _INV_127
     return out

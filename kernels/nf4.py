@@ -160,15 +160,18 @@ def byte_levels(device=None) -> torch.Tensor:
     return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
 
 
-def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None, rows: slice | None = None) -> torch.Tensor:
+def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None, rows: slice | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight (or its `rows`, of a 2-d weight) as `dtype` (default: the original's):
     NF4[q] * absmax in fp32, rounded once. The rows must start on a block (`frozen_linear.row_blocks`
-    cuts them so).
+    cuts them so). `out`: a contiguous tensor of that shape to write into (its dtype is the
+    result's), so a caller making a weight block by block reuses one buffer.
 
     One gather of both levels of each byte from a 256-entry table, then each block scaled in
     place by its absmax (no unpacked indices, no repeated absmax), a chunk at a time into the
     result: the fp32 scratch is one chunk's, not the weight's (a 7B model's MLP weight would need
-    0.4 GB of it beside its 136 MB bf16 result, at every matmul of the step)."""
+    0.4 GB of it beside its 136 MB bf16 result, at every matmul of the step). An fp32 result is
+    gathered and scaled in place, with no scratch (a third fewer passes over memory)."""
     n, bs = qw.shape.numel(), qw.blocksize
     lo, hi, shape = 0, n, qw.shape
     if rows is not None:
@@ -177,18 +180,29 @@ def dequantize_nf4(qw: NF4Weight, dtype: torch.dtype | None = None, rows: slice 
         lo, hi, shape = first * k, last * k, torch.Size((last - first, k))
         if lo % bs:
             raise ValueError(f"rows {first}:{last} start inside a block of {bs} values (row length {k})")
-    out = torch.empty(hi - lo, dtype=dtype or qw.dtype, device=qw.device)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype or qw.dtype, device=qw.device)
+    elif out.shape != shape or not out.is_contiguous():
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected a contiguous {tuple(shape)}")
+    flat = out.view(-1)
     levels, packed = byte_levels(qw.device), qw.packed.view(-1)
     absmax = block_absmax(qw, slice(lo // bs, -(-hi // bs)))
     for start in range(lo, hi, CHUNK):  # CHUNK is a multiple of every blocksize, and even
         stop = min(start + CHUNK, hi)
-        values = levels.index_select(0, packed[start // 2:(stop + 1) // 2].int()).view(-1)[:stop - start]
+        bytes_ = packed[start // 2:(stop + 1) // 2].int()
+        direct = flat.dtype == torch.float32 and (stop - start) % 2 == 0  # lo is even: a block starts there
+        if direct:
+            values = flat[start - lo:stop - lo]
+            torch.index_select(levels, 0, bytes_, out=values.view(-1, 2))
+        else:
+            values = levels.index_select(0, bytes_).view(-1)[:stop - start]
         full = (stop - start) - (stop - start) % bs
         values[:full].view(-1, bs).mul_(absmax[(start - lo) // bs:(start - lo + full) // bs, None])
         if full < stop - start:  # a short last block (only the weight's last can be short)
             values[full:].mul_(absmax[-1])
-        out[start - lo:stop - lo] = values
-    return out.view(shape)
+        if not direct:
+            flat[start - lo:stop - lo] = values
+    return out
 
 
 # --- the safetensors layout -------------------------------------------------------------------

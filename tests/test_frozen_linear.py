@@ -70,13 +70,20 @@ def test_blocks_of_rows_equal_the_formula(fmt, weight_dtype, monkeypatch):
     monkeypatch.setattr(frozen_linear, "CHUNK", 1500)  # 15 rows of 100, rounded to 16 for NF4
     blocks = frozen_linear.row_blocks(weight)
     assert len(blocks) >= 4 and blocks[-1].stop == N
-    calls = []
+    calls, buffers = [], set()
     rows_of = frozen_linear.weight_rows
-    monkeypatch.setattr(frozen_linear, "weight_rows", lambda w, d, rows=None: calls.append(rows) or rows_of(w, d, rows))
+
+    def weight_rows(w, d, rows=None, out=None):
+        calls.append(rows)
+        buffers.add(out.data_ptr())  # every block is made into a buffer the call passes
+        return rows_of(w, d, rows, out)
+
+    monkeypatch.setattr(frozen_linear, "weight_rows", weight_rows)
     x32, bias32, dy32 = x.float(), bias.float(), dy.float()
     ours = run(x32, weight, bias32, dy32, torch.float32)
     expected_calls = len(blocks) * 2 if not (fmt == "dense" and weight_dtype == torch.float32) else 0
     assert len(calls) == expected_calls  # a dense fp32 W goes through F.linear whole
+    assert len(buffers) <= 2  # one buffer for all the forward's blocks, one for the backward's
     for o, r in zip(ours, formula(x32, dense, bias32, dy32)):
         assert o.dtype == torch.float32
         torch.testing.assert_close(o.double(), r, atol=2e-5, rtol=2e-5)

@@ -145,7 +145,8 @@ def test_no_weight_sized_tensor_is_saved_for_backward(fmt):
 def test_weight_is_dequantised_again_in_backward(monkeypatch):
     calls = []
     dequantize = frozen_linear.dequantize
-    monkeypatch.setattr(frozen_linear, "dequantize", lambda qw, dtype, rows=None: calls.append(dtype) or dequantize(qw, dtype, rows))
+    monkeypatch.setattr(frozen_linear, "dequantize",
+                        lambda qw, dtype, rows=None, out=None: calls.append(dtype) or dequantize(qw, dtype, rows, out))
     qw, b, a, bb = make_projection(N, 4, torch.float32, seed=7)
     x = torch.randn(M, K, requires_grad=True)
     y = lora_linear_quantized_torch(x, qw, b, a, bb, 2.0)

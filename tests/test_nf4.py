@@ -150,6 +150,12 @@ def test_dequantize_rows_equals_those_rows_of_bitsandbytes_weight(double_quant, 
     for rows in (slice(0, 16), slice(16, 176), slice(160, 288), slice(288, 300), slice(0, 300)):
         assert torch.equal(dequantize_nf4(qw, torch.bfloat16, rows), whole[rows])
         assert torch.equal(dequantize_nf4(qw, torch.float32, rows), whole32[rows])
+        # into a caller's buffer (frozen_linear reuses one for every block): every value written
+        for dtype, expected in ((torch.float32, whole32[rows]), (torch.bfloat16, whole[rows])):
+            buf = torch.full(expected.shape, float("nan"), dtype=dtype)
+            assert dequantize_nf4(qw, rows=rows, out=buf) is buf and torch.equal(buf, expected)
+    with pytest.raises(ValueError, match=r"out has shape \(16, 99\), expected a contiguous \(16, 100\)"):
+        dequantize_nf4(qw, rows=slice(0, 16), out=torch.empty(16, 99))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
