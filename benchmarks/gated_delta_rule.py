@@ -48,10 +48,11 @@ def make_inputs(batch, t, shape, dtype, device):
     return [x.to(dtype).requires_grad_() for x in (q, k, v)] + [x.requires_grad_() for x in (gate, beta)]
 
 
-def implementations(device):
-    def torch_chunked(q, k, v, g, beta):
-        return chunk_gated_delta_rule_torch(q, k, v, g, beta, None, q.shape[-1] ** -0.5)[0]
+def torch_chunked(q, k, v, g, beta):
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, None, q.shape[-1] ** -0.5)[0]
 
+
+def implementations(device):
     impls = {"recurrence": lambda *x: gated_delta_rule_reference(*x)[0],
              "torch-chunked": torch_chunked}
     if device == "cuda":
@@ -171,7 +172,7 @@ def main(argv=None):
         # inputs: a timing of something that computes another function (a layout or gate
         # convention of fla's read wrong, say) shows as a large error, not as a speed-up.
         with torch.no_grad():
-            ref = implementations("cpu")["torch-chunked"](*(x.detach().float() for x in inputs))
+            ref = torch_chunked(*(x.detach().float() for x in inputs))
         for name, fn in implementations(device).items():
             if name == "recurrence" and t > MAX_RECURRENCE_T:
                 continue

@@ -86,14 +86,14 @@ def weight_rows(weight, dtype: torch.dtype, rows: slice | None = None, out: torc
 
 
 def _scratch(weight, dtype: torch.dtype, blocks: list[slice], device) -> torch.Tensor:
-    """One buffer for every block of W a blocked matmul makes: a fresh one per block would be a
-    fresh mapping, and its page faults, at each (with host_memory's 1 MB mmap threshold)."""
-    k = weight.shape[1]
-    return torch.empty(max(b.stop - b.start for b in blocks) * k, dtype=dtype, device=device)
+    """One [rows, K] buffer for every block of W a blocked matmul makes: a fresh one per block
+    would be a fresh mapping, and its page faults, at each (with host_memory's 1 MB mmap threshold)."""
+    return torch.empty(max(b.stop - b.start for b in blocks), weight.shape[1], dtype=dtype, device=device)
 
 
 def _block(weight, dtype, rows: slice, scratch: torch.Tensor) -> torch.Tensor:
-    return weight_rows(weight, dtype, rows, scratch[:(rows.stop - rows.start) * weight.shape[1]].view(-1, weight.shape[1]))
+    """W[rows] made into the first rows of `scratch` (a prefix of rows is contiguous)."""
+    return weight_rows(weight, dtype, rows, scratch[:rows.stop - rows.start])
 
 
 def _blocks(weight, dtype: torch.dtype) -> list[slice]:

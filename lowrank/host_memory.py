@@ -25,6 +25,7 @@ runs) nothing is done.
 import ctypes
 import os
 import sys
+from pathlib import Path
 
 from .errors import ConfigError
 
@@ -49,11 +50,11 @@ def physical_memory() -> int | None:
     except (ValueError, OSError, AttributeError):
         total = None
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()  # cgroup v2; "max" when unlimited
-        if limit.isdigit():
-            total = min(total or int(limit), int(limit))
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()  # cgroup v2; "max" when unlimited
     except OSError:
-        pass
+        limit = ""
+    if limit.isdigit():
+        total = int(limit) if total is None else min(total, int(limit))
     return total
 
 
