@@ -9,7 +9,8 @@ Per head, with a state S [K, V] kept in fp32 whatever the inputs' dtype, for t =
 
 `gated_delta_rule_reference` runs exactly that, a token at a time: the spec and the test oracle.
 
-The chunked form (chunks of C = 64, "WY representation" + "UT transform", FLA's design).
+The chunked form (chunks of C = 64, 32 in the torch path on a CPU; "WY representation" + "UT
+transform", FLA's design).
 Inside a chunk, with G_i = sum_{j<=i} g_j (the cumulative log-decay) and S0 the state at the
 chunk's start, unrolling the recurrence gives for the whole chunk at once
 
@@ -30,8 +31,8 @@ update, so the state is as if the padding were not there.
 
 Three paths, one answer within dtype tolerance:
   - `gated_delta_rule_reference`: the recurrence above (the spec);
-  - `chunk_gated_delta_rule_torch`: the chunked form in torch, differentiable by autograd (the
-    CPU path and the fallback);
+  - `chunk_gated_delta_rule_torch`: the chunked form in torch, an autograd Function with a
+    written-out backward (the CPU path and the fallback);
   - the Triton kernels for CUDA tensors (`dispatch.use_triton`), forward and backward: the autograd
     Function in `gated_delta_rule_triton.py`, its kernels in `_triton_fwd.py` and `_triton_bwd.py`.
 `cu_seqlens` (packed sequences, B = 1) is handled once, here, for every path: see `varlen.py`.

@@ -2,7 +2,7 @@
 
     S = exp(g_t) S;  u_t = beta_t (v_t - S^T k_t);  S = S + k_t u_t^T;  o_t = scale S^T q_t
 
-on odd shapes (T = 1, 37, 130: no multiple of the 64-chunk; K = 24, V = 40: no power of two),
+on odd shapes (T = 1, 37, 130: no multiple of the chunk, 32 on the CPU and 64 on a GPU; K = 24, V = 40: no power of two),
 with autograd's float64 gradients of q, k, v, g, beta and the initial state. The Triton tests
 run on a GPU, or in a subprocess with TRITON_INTERPRET=1 (triton reads it once, at import);
 under the interpreter tl.dot on bf16 is garbage (triton 3.9.0), so bf16 only runs on a GPU.
@@ -125,13 +125,32 @@ def test_torch_chunked_matches_transformers():
 
 
 def test_chunk_size_does_not_change_the_answer():
-    """The chunked form at C = 16 and C = 64 (130 = 8 chunks + 2, 2 chunks + 2) and the recurrence."""
+    """The chunked form at C = 16, 32 and 64 (130 = 8 chunks + 2, 4 + 2, 2 + 2) and the recurrence."""
     q, k, v, g, beta, state = cast(make_inputs(1, 130, seed=6), torch.float64, grad=False)
     ref = gated_delta_rule_reference(q, k, v, g, beta, state, True)
-    for chunk in (16, 64):
+    for chunk in (16, 32, 64):
         o, S = gdr.chunk_gated_delta_rule_torch(q, k, v, g, beta, state, K**-0.5, chunk=chunk)
         assert_matches(o, ref[0], torch.float64)
         assert_matches(S, ref[1], torch.float64)
+
+
+@pytest.mark.parametrize("used", ["o", "final_state"])
+def test_torch_chunked_gradients_of_one_output(monkeypatch, used):
+    """A loss of o alone (the model's: the final state is not used, its gradient is None) or of
+    the final state alone (o's gradient None): the written-out backward's two one-sided cases."""
+    monkeypatch.setenv("LOWRANK_KERNEL", "torch")
+    inputs = make_inputs(2, 70, seed=30)
+    gen = torch.Generator().manual_seed(31)
+    dy, ds = torch.randn(2, 70, H, V, generator=gen, dtype=torch.float64), torch.randn(2, H, K, V, generator=gen,
+                                                                                        dtype=torch.float64)
+    grads = []
+    for fn, dtype in ((chunk_gated_delta_rule, torch.float32), (gated_delta_rule_reference, torch.float64)):
+        leaves = cast(inputs, dtype)
+        o, S = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        loss = (o * dy.to(o)).sum() if used == "o" else (S * ds.to(S)).sum()
+        grads.append(torch.autograd.grad(loss, leaves, materialize_grads=True))  # q does not reach S
+    for name, a, b in zip(NAMES, *grads):
+        assert_matches(a, b, torch.float32, f"d{name}")
 
 
 def repeated_heads(fn):
