@@ -27,7 +27,7 @@ import torch
 
 from .dispatch import kernel_choice, use_triton
 from .lora_torch import (check_shapes as _check_shapes, lora_linear_merged_reference,  # noqa: F401
-                         lora_linear_reference, lora_linear_torch)
+                         lora_linear_merged_torch, lora_linear_reference, lora_linear_torch)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, training=True):
@@ -59,8 +59,7 @@ def lora_linear_merged(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0
         return lora_linear_merged_quantized(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
     _check_shapes(x, weights, biases, lora_as, lora_bs, scales)
     if not _takes_triton(x, weights, biases, lora_as, lora_bs):
-        return [lora_linear_torch(x, w, b, a, bb, sc, dropout_p, training)
-                for w, b, a, bb, sc in zip(weights, biases, lora_as, lora_bs, scales)]
+        return lora_linear_merged_torch(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)
     from .lora_merged import lora_projections
 
     y = lora_projections(x, weights, biases, lora_as, lora_bs, scales, dropout_p, training)

@@ -18,7 +18,7 @@ N * K * 2 bytes of bf16 kept per layer). Two paths (`dispatch` chooses):
 from .dispatch import kernel_choice, use_triton
 from .frozen_linear import dequantize
 from .int8 import Int8Weight
-from .lora_torch import check_shapes as _check_shapes, lora_linear_reference, lora_linear_torch
+from .lora_torch import check_shapes as _check_shapes, lora_linear_merged_torch, lora_linear_reference, lora_linear_torch
 from .nf4 import NF4Weight
 
 QUANTIZED = (NF4Weight, Int8Weight)
@@ -48,8 +48,7 @@ def lora_linear_merged_quantized(x, qweights, biases, lora_as, lora_bs, scales, 
     separate projections on the torch path."""
     _check_shapes(x, qweights, biases, lora_as, lora_bs, scales)
     if not _takes_triton(x, qweights, biases, lora_as, lora_bs):
-        return [lora_linear_quantized_torch(x, w, b, a, bb, s, dropout_p, training)
-                for w, b, a, bb, s in zip(qweights, biases, lora_as, lora_bs, scales)]
+        return lora_linear_merged_torch(x, qweights, biases, lora_as, lora_bs, scales, dropout_p, training)
     from .lora_nf4 import lora_projections_nf4
 
     y = lora_projections_nf4(x, qweights, biases, lora_as, lora_bs, scales, dropout_p, training)

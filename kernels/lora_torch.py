@@ -38,6 +38,30 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, tra
     return out.view(base.shape).to(out_dtype)
 
 
+def lora_linear_merged_torch(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
+    """Several projections of one x, as separate `lora_linear_torch` calls would compute them,
+    with the r-wide products of x done together: x @ [A_1; A_2; ...]^T is one GEMM, so x is read
+    once for all of them (and its backward, dA and the LoRA part of dx, one GEMM each, not one per
+    projection). These products are memory-bound on a CPU: their cost is the passes over x.
+    With dropout each projection draws its own mask, so the products stay separate."""
+    if dropout_p > 0.0 and training or len(weights) == 1:
+        return [lora_linear_torch(x, w, b, a, bb, sc, dropout_p, training)
+                for w, b, a, bb, sc in zip(weights, biases, lora_as, lora_bs, scales)]
+    dtype, out_dtype = compute_dtype(x), intended_dtype(x)
+    ranks = [a.shape[0] for a in lora_as]
+    with no_autocast(x):
+        xc = x.to(dtype)
+        col_scale = torch.cat([torch.full((r,), float(sc), dtype=dtype, device=x.device)
+                               for r, sc in zip(ranks, scales)])
+        xa = (F.linear(xc, torch.cat([a.to(dtype) for a in lora_as])) * col_scale).reshape(-1, sum(ranks))
+        outs = []
+        for w, b, bb, xa_s in zip(weights, biases, lora_bs, xa.split(ranks, dim=-1)):
+            base = frozen_linear(xc, w, b, dtype)
+            bt = bb.to(dtype).t().contiguous()  # row-major, as in lora_linear_torch
+            outs.append(torch.addmm(base.reshape(-1, base.shape[-1]), xa_s, bt).view(base.shape).to(out_dtype))
+    return outs
+
+
 def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
     """Separate reference calls, one per projection."""
     return [lora_linear_reference(x, w, b, a, bb, s, dropout_p, training)

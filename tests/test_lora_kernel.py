@@ -91,6 +91,31 @@ def test_torch_path_matches_dense_formula(monkeypatch, dtype):
         assert_matches(ours, expected, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_torch_merged_matches_formula(monkeypatch, dtype):
+    """lora_linear_merged on the torch path (one GEMM for all the x @ A^T products): every
+    projection's output, and the gradients of x (summed over the projections), A and B, as the
+    float64 formula; ranks and scales differ, the middle projection has no bias."""
+    monkeypatch.setenv("LOWRANK_KERNEL", "torch")
+    widths, ranks, scales = (70, 18, 5), (8, 4, 1), (2.0, 0.5, 1.5)
+    projs = [[t.cpu() if t is not None else None for t in make_projection(n, r, dtype, bias=i != 1, seed=20 + i)]
+             for i, (n, r) in enumerate(zip(widths, ranks))]
+    for _, _, a, bb in projs:
+        a.requires_grad_(), bb.requires_grad_()
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 19, K, generator=g).to(dtype).requires_grad_()
+    ys = lora_linear_merged(x, *(list(t) for t in zip(*projs)), list(scales))
+    refs = [dense_reference(x, *p, s) for p, s in zip(projs, scales)]
+    dys = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r, _ in refs]
+    torch.autograd.backward(ys, [dy.to(dtype) for dy in dys])
+    torch.autograd.backward([r for r, _ in refs], dys)
+    assert_matches(x.grad, sum(leaves[0].grad for _, leaves in refs), dtype)
+    for y, (ref, leaves), (_, _, a, bb) in zip(ys, refs, projs):
+        assert y.dtype == dtype
+        for ours, expected in [(y, ref), (a.grad, leaves[3].grad), (bb.grad, leaves[4].grad)]:
+            assert_matches(ours, expected, dtype)
+
+
 def test_eval_mode_and_zero_p_have_no_dropout(monkeypatch):
     monkeypatch.setenv("LOWRANK_KERNEL", "torch")
     x = torch.randn(M, K)

@@ -332,9 +332,10 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
     for _, m in lora_modules(model):
         m.lora_A.weight.requires_grad_(True)
         m.lora_B.weight.requires_grad_(True)
-    # The model's hooks for projections of one input: q/k/v and gate/up as one wide GEMM.
+    # The model's hooks for projections of one input (q/k/v, gate/up, a Gated DeltaNet layer's
+    # in_proj_*): one wide GEMM on a GPU, one pass over x for their LoRA A products on a CPU.
     for m in model.modules():
-        for hook in ("qkv_fn", "gate_up_fn"):
+        for hook in ("qkv_fn", "gate_up_fn", "in_proj_fn"):
             if hasattr(m, hook):
                 setattr(m, hook, lora_group)
     model.lora_config = config
@@ -342,9 +343,9 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
 
 
 def lora_group(projections, x) -> list[torch.Tensor]:
-    """Run projections of the same input (q/k/v, gate/up) through one `lora_linear_merged`
-    call when all are LoRA layers with one dropout and mode: on a GPU one wide GEMM instead of
-    three narrow ones. Anything else (a projection left plain, or merged back) runs as itself,
+    """Run projections of the same input (q/k/v, gate/up, in_proj_*) through one
+    `lora_linear_merged` call when all are LoRA layers with one dropout and mode: on a GPU one
+    wide GEMM instead of three narrow ones, on a CPU one GEMM for all the x @ A^T products. Anything else (a projection left plain, or merged back) runs as itself,
     so the hook stays correct whatever happens to the wrappers later."""
     if not all(isinstance(p, LoraLinear) for p in projections) or \
             len({(p.dropout_p, p.training) for p in projections}) != 1:

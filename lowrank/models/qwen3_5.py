@@ -108,18 +108,22 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.v_heads))
         self.norm = GatedRMSNorm(self.v_dim, cfg.rms_norm_eps)
         self.out_proj = nn.Linear(V, H, bias=False)
+        self.in_proj_fn = None  # as decoder.Attention's qkv_fn: f(projections, x) -> their outputs
 
     def project(self, x):
         """x [B, T, H] -> (mixed q|k|v [B, T, 2K + V], z [B, T, H_v, V], b, a [B, T, H_v])."""
         B, T, _ = x.shape
+        projections = ((self.in_proj_qkvz, self.in_proj_ba) if self.fused else
+                       (self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a))
+        outs = self.in_proj_fn(projections, x) if self.in_proj_fn else [p(x) for p in projections]
         if not self.fused:
-            z = self.in_proj_z(x).view(B, T, self.v_heads, self.v_dim)
-            return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
+            qkv, z, b, a = outs
+            return qkv, z.view(B, T, self.v_heads, self.v_dim), b, a
         # Qwen3-Next: per key head [q | k | v of its r value heads | z of them], and [b | a].
         r = self.v_heads // self.k_heads
-        qkvz = self.in_proj_qkvz(x).view(B, T, self.k_heads, -1)
+        qkvz = outs[0].view(B, T, self.k_heads, -1)
         q, k, v, z = qkvz.split([self.k_dim, self.k_dim, r * self.v_dim, r * self.v_dim], dim=-1)
-        b, a = self.in_proj_ba(x).view(B, T, self.k_heads, 2 * r).split([r, r], dim=-1)
+        b, a = outs[1].view(B, T, self.k_heads, 2 * r).split([r, r], dim=-1)
         mixed = torch.cat([q.reshape(B, T, -1), k.reshape(B, T, -1), v.reshape(B, T, -1)], dim=-1)
         return (mixed, z.reshape(B, T, self.v_heads, self.v_dim), b.reshape(B, T, self.v_heads),
                 a.reshape(B, T, self.v_heads))
