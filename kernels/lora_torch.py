@@ -44,7 +44,7 @@ def lora_linear_merged_torch(x, weights, biases, lora_as, lora_bs, scales, dropo
     once for all of them (and its backward, dA and the LoRA part of dx, one GEMM each, not one per
     projection). These products are memory-bound on a CPU: their cost is the passes over x.
     With dropout each projection draws its own mask, so the products stay separate."""
-    if dropout_p > 0.0 and training or len(weights) == 1:
+    if (dropout_p > 0.0 and training) or len(weights) == 1:
         return [lora_linear_torch(x, w, b, a, bb, sc, dropout_p, training)
                 for w, b, a, bb, sc in zip(weights, biases, lora_as, lora_bs, scales)]
     dtype, out_dtype = compute_dtype(x), intended_dtype(x)
