@@ -131,7 +131,8 @@ def _flat(x):
 class _Chunks:
     """What the chunks need that does not depend on the state, for all of them at once (operands
     as `_operands` gives them). K K^T and Q K^T are computed once per key head and shared
-    by its r value heads. The backward passes the forward's T = (I + L)^-1 in, not to solve again."""
+    by its r value heads. The backward passes the forward's T = (I + L)^-1 and W in, not to make
+    them again."""
 
     def __init__(self, q, k, v, g, beta, Tinv=None, W=None):
         self.q, self.k, self.v, self.beta = q, k, v, beta
@@ -155,7 +156,6 @@ class _Chunks:
         if W is None:
             W = ((Tinv * self.beta_eG[..., None, :]).flatten(2, 3) @ k).view(*Tinv.shape[:-1], k.shape[-1])
         self.W = W
-        self.v_beta = v * beta[..., None]
         self.A = self.qk * self.D  # the intra-chunk attention, zero above the diagonal
         self.q_decayed = q.unsqueeze(2) * self.eG[..., None]
         self.k_decayed = k.unsqueeze(2) * self.e_rest[..., None]
@@ -166,8 +166,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     It saves its operands, T = (I + L)^-1, W, U0, the deltas U and the state at each chunk's
     start, and recomputes the rest: 60% of what autograd kept through the same steps (some 15
-    [C, C]-per-row intermediates) at Qwen3.5-9B's head shape, at the same speed (docs/kernels.md). The backward is the Triton one's (notation and derivation
-    in gated_delta_rule_triton_bwd.py): only the state gradient runs across chunks,
+    [C, C]-per-row intermediates) at Qwen3.5-9B's head shape, at the same speed (docs/kernels.md).
+    The backward is the Triton one's (notation and derivation in gated_delta_rule_triton_bwd.py):
+    only the state gradient runs across chunks,
         dU  = A^T dO + Kd dS1,     dS0 = exp(G_C) dS1 + (diag(exp(G)) Q)^T dO - W^T dU,
     and the rest is local to each chunk, batched over all of them. What involves a state runs
     per chunk, in the loops: batching it would copy every state into one tensor, and the
@@ -179,7 +180,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         c = _Chunks(*ops)
         B, T, H, Vd = v.shape
         NT, BH, C, K = ops[0].shape[0], B * H, chunk, k.shape[-1]
-        U0 = c.Tinv @ c.v_beta  # [NT, N, r, C, V]: U's chunk-local part
+        U0 = c.Tinv @ (c.v * c.beta[..., None])  # [NT, N, r, C, V]: U's chunk-local part, T diag(beta) V
         W, A, U0_flat = _flat(c.W), _flat(c.A), _flat(U0)
         q_decayed, k_decayed_t, decay = _flat(c.q_decayed), _flat(c.k_decayed).mT, _flat(c.decay)[..., None]
         S = [q.new_zeros(BH, K, Vd, dtype=U0.dtype) if initial_state is None

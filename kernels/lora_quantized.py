@@ -18,7 +18,8 @@ N * K * 2 bytes of bf16 kept per layer). Two paths (`dispatch` chooses):
 from .dispatch import kernel_choice, use_triton
 from .frozen_linear import dequantize
 from .int8 import Int8Weight
-from .lora_torch import check_shapes as _check_shapes, lora_linear_merged_torch, lora_linear_reference, lora_linear_torch
+from .lora_torch import (check_shapes as _check_shapes, lora_linear_merged_torch, lora_linear_reference,
+                         lora_linear_torch)
 from .nf4 import NF4Weight
 
 QUANTIZED = (NF4Weight, Int8Weight)

@@ -29,13 +29,17 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scale, dropout_p=0.0, tra
         xc = x.to(dtype)
         h = F.dropout(xc, dropout_p, training) if dropout_p > 0.0 else xc
         xa = F.linear(h, lora_a.to(dtype)) * scale
-        base = frozen_linear(xc, weight, bias, dtype)
-        # B^T as a row-major [r, N] copy (r * N elements): autograd then computes dB^T = xa^T @ dy,
-        # a GEMM with r output rows, rather than (dy^T @ xa)^T for the column-major view, whose
-        # [N, r] output was ~2.5x slower on the CPU (r = 8, N = 1408).
-        bt = lora_b.to(dtype).t().contiguous()
-        out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), bt)
-    return out.view(base.shape).to(out_dtype)
+        out = _plus_low_rank(frozen_linear(xc, weight, bias, dtype), xa, lora_b, dtype)
+    return out.to(out_dtype)
+
+
+def _plus_low_rank(base, xa, lora_b, dtype):
+    """base + xa @ B^T, as one addmm into a copy of base. B^T as a row-major [r, N] copy (r * N
+    elements): autograd then computes dB^T = xa^T @ dy, a GEMM with r output rows, rather than
+    (dy^T @ xa)^T for the column-major view, whose [N, r] output was ~2.5x slower on the CPU
+    (r = 8, N = 1408)."""
+    bt = lora_b.to(dtype).t().contiguous()
+    return torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, xa.shape[-1]), bt).view(base.shape)
 
 
 def lora_linear_merged_torch(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):
@@ -53,13 +57,9 @@ def lora_linear_merged_torch(x, weights, biases, lora_as, lora_bs, scales, dropo
         xc = x.to(dtype)
         col_scale = torch.cat([torch.full((r,), float(sc), dtype=dtype, device=x.device)
                                for r, sc in zip(ranks, scales)])
-        xa = (F.linear(xc, torch.cat([a.to(dtype) for a in lora_as])) * col_scale).reshape(-1, sum(ranks))
-        outs = []
-        for w, b, bb, xa_s in zip(weights, biases, lora_bs, xa.split(ranks, dim=-1)):
-            base = frozen_linear(xc, w, b, dtype)
-            bt = bb.to(dtype).t().contiguous()  # row-major, as in lora_linear_torch
-            outs.append(torch.addmm(base.reshape(-1, base.shape[-1]), xa_s, bt).view(base.shape).to(out_dtype))
-    return outs
+        xa = F.linear(xc, torch.cat([a.to(dtype) for a in lora_as])) * col_scale
+        return [_plus_low_rank(frozen_linear(xc, w, b, dtype), xa_s, bb, dtype).to(out_dtype)
+                for w, b, bb, xa_s in zip(weights, biases, lora_bs, xa.split(ranks, dim=-1))]
 
 
 def lora_linear_merged_reference(x, weights, biases, lora_as, lora_bs, scales, dropout_p=0.0, training=True):

@@ -2,10 +2,11 @@
 
     S = exp(g_t) S;  u_t = beta_t (v_t - S^T k_t);  S = S + k_t u_t^T;  o_t = scale S^T q_t
 
-on odd shapes (T = 1, 37, 130: no multiple of the chunk, 32 on the CPU and 64 on a GPU; K = 24, V = 40: no power of two),
-with autograd's float64 gradients of q, k, v, g, beta and the initial state. The Triton tests
-run on a GPU, or in a subprocess with TRITON_INTERPRET=1 (triton reads it once, at import);
-under the interpreter tl.dot on bf16 is garbage (triton 3.9.0), so bf16 only runs on a GPU.
+on odd shapes (T = 1, 37, 130: no multiple of the chunk, 32 on the CPU and 64 on a GPU;
+K = 24, V = 40: no power of two), with autograd's float64 gradients of q, k, v, g, beta and the
+initial state. The Triton tests run on a GPU, or in a subprocess with TRITON_INTERPRET=1 (triton
+reads it once, at import); under the interpreter tl.dot on bf16 is garbage (triton 3.9.0), so bf16
+only runs on a GPU.
 """
 
 import importlib

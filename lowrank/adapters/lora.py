@@ -345,8 +345,9 @@ def apply_lora(model: nn.Module, config: LoraConfig | None = None) -> nn.Module:
 def lora_group(projections, x) -> list[torch.Tensor]:
     """Run projections of the same input (q/k/v, gate/up, in_proj_*) through one
     `lora_linear_merged` call when all are LoRA layers with one dropout and mode: on a GPU one
-    wide GEMM instead of three narrow ones, on a CPU one GEMM for all the x @ A^T products. Anything else (a projection left plain, or merged back) runs as itself,
-    so the hook stays correct whatever happens to the wrappers later."""
+    wide GEMM instead of three narrow ones, on a CPU one GEMM for all the x @ A^T products.
+    Anything else (a projection left plain, or merged back) runs as itself, so the hook stays
+    correct whatever happens to the wrappers later."""
     if not all(isinstance(p, LoraLinear) for p in projections) or \
             len({(p.dropout_p, p.training) for p in projections}) != 1:
         return [p(x) for p in projections]
